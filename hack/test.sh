@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# README's test command: lint, build the control plane if needed, then unit and integration tests.
+# Extra arguments go to pytest, e.g. `hack/test.sh tests/unit` or `hack/test.sh -m "not integration"`.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+hack/venv.sh
+echo "[test] ruff" >&2
+.venv/bin/ruff check . && .venv/bin/ruff format --check .
+hack/build-control-plane.sh
+
+# The test cluster lives in a work directory of its own; whatever happens, nothing of it survives the run.
+export KILN_TEST_WORKDIR=${KILN_TEST_WORKDIR:-$(mktemp -d /tmp/kiln-test.XXXXXX)}
+cleanup() {
+  KWOK_WORKDIR=$KILN_TEST_WORKDIR KILN_CLUSTER_NAME=kiln-test hack/cluster.sh down || true
+  rm -rf "$KILN_TEST_WORKDIR"
+}
+trap cleanup EXIT
+
+echo "[test] pytest $*" >&2
+# pytest runs in the background so that a signal reaches us at once; we pass it on as SIGTERM, which the
+# test session turns into an orderly teardown (cluster deleted), then the EXIT trap checks again.
+.venv/bin/python -m pytest "$@" &
+pytest_pid=$!
+trap 'kill -TERM $pytest_pid 2>/dev/null || true' INT TERM
+rc=0
+wait $pytest_pid || rc=$?
+while kill -0 $pytest_pid 2>/dev/null; do rc=0; wait $pytest_pid || rc=$?; done
+if [ $rc -eq 5 ]; then echo "[test] FAIL: no tests ran" >&2; exit 1; fi
+left=$(pgrep -f -- "$KILN_TEST_WORKDIR/" || true)
+if [ -n "$left" ]; then
+  echo "[test] FAIL: control-plane processes left behind: $(ps -o pid=,args= -p ${left//$'\n'/,} | cut -c1-120)" >&2
+  exit 1
+fi
+exit $rc

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# README's main command: local cluster, CRDs, the operator (in the background) and the sample pipeline.
+# Stop it all with hack/down.sh.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+hack/venv.sh
+kubeconfig=$(hack/cluster.sh up)
+eval "$(hack/cluster.sh env)"
+state=${KWOK_WORKDIR:-$repo/.kwok}
+echo "[up] installing the CRDs" >&2
+kubectl apply -f crds/ >&2
+kubectl wait --for=condition=Established --timeout=60s -f crds/ >&2
+if [ -f "$state/operator.pid" ] && kill -0 "$(cat "$state/operator.pid")" 2>/dev/null; then
+  echo "[up] operator already running (pid $(cat "$state/operator.pid"))" >&2
+else
+  echo "[up] starting the operator (log: $state/operator.log)" >&2
+  KUBECONFIG=$kubeconfig nohup .venv/bin/kiln-operator --all-namespaces \
+    --liveness=http://127.0.0.1:8080/healthz --metrics=127.0.0.1:9090 > "$state/operator.log" 2>&1 &
+  echo $! > "$state/operator.pid"
+fi
+echo "[up] applying the sample pipeline" >&2
+kubectl apply -k manifests/samples >&2
+for r in trainingjob/sentiment-minilm modelcompression/sentiment-minilm-int8 modeldeployment/sentiment; do
+  kubectl wait "$r" --for=jsonpath='{.status.observedGeneration}'=1 --timeout=120s >&2
+done
+kubectl get kiln >&2
+cat >&2 <<MSG
+[up] done. The cluster and the operator keep running:
+  export KUBECONFIG=$kubeconfig PATH=$(dirname "$(command -v kubectl)"):\$PATH
+  kubectl get kiln;  curl -s 127.0.0.1:9090/metrics | grep kiln_;  tail -f $state/operator.log
+  hack/down.sh     # stop the operator and delete the cluster
+MSG

@@ -1,0 +1,60 @@
+"""Operator-wide kopf settings, chosen on purpose, plus the metrics endpoint's lifetime."""
+
+import logging
+import os
+import socket
+from typing import Any
+
+import kopf
+
+from kiln_operator import conditions, metrics
+
+METRICS_ADDRESS_ENV = "KILN_METRICS_ADDRESS"
+DEFAULT_METRICS_ADDRESS = "0.0.0.0:9090"
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    # Our own finalizer and annotation prefix from day one: changing storage later re-handles every object.
+    settings.persistence.finalizer = "kiln.dev/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kiln.dev", v1=False)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kiln.dev", key="last-handled-configuration", v1=False
+    )
+    # Silent watch stalls (kopf #585, #698, #1120) are caught by the inactivity timeout (kopf >= 1.44, with
+    # bookmarks); the server-side timeout also recycles each watch every few minutes.
+    settings.watching.inactivity_timeout = 70
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    # Short request timeout: a stuck API call fails fast and kopf retries it, instead of hanging 5 minutes.
+    settings.networking.request_timeout = 30
+    settings.networking.connect_timeout = 10
+    # Events are the user-facing record of transitions; name them as ours.
+    settings.posting.reporting_component = "kiln-operator"
+    settings.posting.reporting_instance = os.environ.get("POD_NAME", socket.gethostname())
+    settings.posting.event_name_prefix = "kiln-"
+
+    address = os.environ.get(METRICS_ADDRESS_ENV, DEFAULT_METRICS_ADDRESS)
+    memo.metrics_server = metrics.serve(address)
+    logger.info("metrics served on http://%s/metrics", address)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # Explicit, because kopf picks its fallback logins when it is imported: whether KUBECONFIG was set then.
+    # An explicit KUBECONFIG wins (running outside the cluster); in a pod, the ServiceAccount token.
+    if os.environ.get("KUBECONFIG") or os.path.exists(os.path.expanduser("~/.kube/config")):
+        return kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_with_service_account(**kwargs)
+
+
+@kopf.on.cleanup()
+async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("metrics_server"):
+        metrics.stop(memo.metrics_server)
+
+
+@kopf.on.probe(id="now")
+def probe_time(**_: Any) -> str:
+    return conditions.now()
