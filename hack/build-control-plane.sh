@@ -17,6 +17,17 @@ reports() { # reports BINARY EXPECTED ARGS...: true when BINARY's output of ARGS
   # Capture first: `| grep -q` under pipefail fails at random when grep exits early (SIGPIPE).
   [ -x "$BIN/$b" ] && out=$("$BIN/$b" "$@" 2>&1) && [[ $out == *"$want"* ]]
 }
+progress() { # progress WHAT COMMAND...: run COMMAND, saying every 30 s that it still runs
+  local what=$1 t0=$SECONDS pid; shift
+  "$@" & pid=$!
+  while ! wait_tick "$pid"; do log "  ... $what: $((SECONDS - t0)) s"; done
+  wait "$pid"
+}
+wait_tick() { # true once PID has exited (within 30 s), false if it still runs
+  local i
+  for i in $(seq 30); do kill -0 "$1" 2>/dev/null || return 0; sleep 1; done
+  return 1
+}
 start=$SECONDS
 
 # --- Kubernetes: wrapper module with a replace line per staging module, generated from the proxy's go.mod.
@@ -48,7 +59,7 @@ else
   done
   for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
     log "go build $c"
-    go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$ldf" -o "$BIN/$c" "k8s.io/kubernetes/cmd/$c"
+    progress "$c" go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$ldf" -o "$BIN/$c" "k8s.io/kubernetes/cmd/$c"
   done
 fi
 
@@ -60,7 +71,7 @@ else
   d=$SRC/etcd-$ETCD_VERSION; mkdir -p "$d"; cd "$d"
   [ -f go.mod ] || go mod init local/etcdbin >/dev/null
   go get -tool "go.etcd.io/etcd/server/v3@v$ETCD_VERSION"
-  go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
+  progress etcd go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
 fi
 
 # --- kwok and kwokctl: plain go install, version stamped as release builds do.
@@ -68,7 +79,7 @@ if reports kwokctl "$KWOK_VERSION" --version && reports kwok "$KWOK_VERSION" --v
   log "kwok v$KWOK_VERSION: up to date"
 else
   log "kwok v$KWOK_VERSION: building"
-  GOBIN=$BIN go install -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=v$KWOK_VERSION -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=v$K8S_VERSION" \
+  progress kwok env GOBIN="$BIN" go install -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=v$KWOK_VERSION -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=v$K8S_VERSION" \
     "sigs.k8s.io/kwok/cmd/kwok@v$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@v$KWOK_VERSION"
 fi
 log "control plane binaries ready in $BIN ($((SECONDS - start)) s)"

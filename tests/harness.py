@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import urllib.request
@@ -11,9 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kopf.testing import KopfRunner
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The operator never runs as cluster admin in tests: run_operator logs it in from this kubeconfig, which the
+# integration fixtures write for the kiln-operator ServiceAccount bound to the RBAC of manifests/.
+OPERATOR_KUBECONFIG_ENV = "KILN_OPERATOR_KUBECONFIG"
+OPERATOR_NAMESPACE = "kiln-system"
+OPERATOR_ACCOUNT = "kiln-operator"
+# kopf retries and then often only logs what the API server refused (e.g. "Not enough permissions to list
+# namespaces", a Forbidden on posting an event), so the operator's output is searched for it too.
+PERMISSION_ERROR = re.compile(
+    r"forbidden|unauthorized|not enough permissions|\b(?:status|code)[=:] ?40[13]\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -32,6 +46,27 @@ class Cluster:
 
     def get(self, *args: str) -> dict[str, Any]:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+
+def service_account_kubeconfig(
+    cluster: Cluster, path: Path, *, name: str = OPERATOR_ACCOUNT, namespace: str = OPERATOR_NAMESPACE
+) -> Path:
+    """Write a kubeconfig that logs in as ServiceAccount namespace/name: the admin kubeconfig's server and CA
+    (embedded), and a token from the TokenRequest API (`kubectl create token`)."""
+    admin = json.loads(cluster.kubectl("config", "view", "--raw", "--minify", "--flatten", "-o", "json").stdout)
+    token = cluster.kubectl("create", "token", name, "-n", namespace, "--duration=12h").stdout.strip()
+    user = f"system:serviceaccount:{namespace}:{name}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kiln", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": user, "context": {"cluster": "kiln", "user": user}}],
+        "current-context": user,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
 
 
 def bin_dir() -> Path:
@@ -59,13 +94,37 @@ class Operator:
 
 
 @contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration (they are process-wide), then restore what was there."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def run_operator(*scope: str) -> Iterator[Operator]:
-    """The operator in this process under KopfRunner; on exit its exit code and exceptions are asserted."""
+    """The operator in this process under KopfRunner, logged in as its ServiceAccount (not as admin); on exit its
+    exit code and exceptions are asserted, and its output must show no permission error."""
+    kubeconfig = os.environ.get(OPERATOR_KUBECONFIG_ENV)
+    if not kubeconfig:
+        raise RuntimeError(f"{OPERATOR_KUBECONFIG_ENV} is not set: the operator would run with the admin kubeconfig")
     liveness = f"http://127.0.0.1:{free_port()}/healthz"
     metrics_port = free_port()
-    os.environ["KILN_METRICS_ADDRESS"] = f"127.0.0.1:{metrics_port}"
     args = ["run", "--standalone", "-m", "kiln_operator", f"--liveness={liveness}", "--verbose", *scope]
-    with KopfRunner(args, timeout=60) as runner:
+    # kopf's login handler (settings.login) reads KUBECONFIG when the operator starts and when it re-authenticates.
+    with (
+        _environ(KUBECONFIG=kubeconfig, KILN_METRICS_ADDRESS=f"127.0.0.1:{metrics_port}"),
+        KopfRunner(args, timeout=60) as runner,
+    ):
         yield Operator(runner, liveness, f"http://127.0.0.1:{metrics_port}/metrics")
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output
+    denied = [line for line in runner.output.splitlines() if PERMISSION_ERROR.search(line)]
+    assert not denied, "the operator was refused by the API server:\n" + "\n".join(denied[:20])

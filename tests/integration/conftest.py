@@ -14,7 +14,16 @@ from typing import Any
 
 import kr8s
 import pytest
-from harness import REPO, Cluster, Operator, bin_dir, run_operator
+import yaml
+from harness import (
+    OPERATOR_KUBECONFIG_ENV,
+    REPO,
+    Cluster,
+    Operator,
+    bin_dir,
+    run_operator,
+    service_account_kubeconfig,
+)
 from waiting import wait_for
 
 CLUSTER_NAME = "kiln-test"
@@ -70,6 +79,24 @@ def crds(cluster: Cluster) -> None:
         lambda: len(cluster.kubectl("api-resources", "--api-group=kiln.dev", "-o", "name").stdout.split()) == 3,
         what="kiln.dev resources in discovery",
     )
+
+
+# What the in-process operator needs from manifests/: its identity and permissions, not the Deployment (on a real
+# cluster that would start a second operator competing with the one under test).
+RBAC_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def operator_account(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The operator's ServiceAccount and RBAC, applied from manifests/ as users install them, and a kubeconfig
+    that logs in as it: run_operator uses it, so a permission missing from manifests/ fails the tests."""
+    rendered = yaml.safe_load_all(cluster.kubectl("kustomize", str(REPO / "manifests")).stdout)
+    rbac = [doc for doc in rendered if doc and doc["kind"] in RBAC_KINDS]
+    cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(rbac))
+    path = service_account_kubeconfig(cluster, tmp_path_factory.mktemp("operator") / "kubeconfig.yaml")
+    os.environ[OPERATOR_KUBECONFIG_ENV] = str(path)
+    yield path
+    os.environ.pop(OPERATOR_KUBECONFIG_ENV, None)
 
 
 @pytest.fixture

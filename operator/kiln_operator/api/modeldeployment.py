@@ -1,0 +1,234 @@
+"""ModelDeployment: the API of serving a promoted artifact, scaling it and rolling new ones out."""
+
+from kiln_operator.api import common
+from kiln_operator.api.schema import (
+    Schema,
+    array,
+    exactly_one,
+    integer,
+    number,
+    obj,
+    quantity,
+    rule,
+    string,
+    timestamp,
+)
+
+PHASES = ["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+GPU_PROVIDERS = "['CUDAExecutionProvider', 'TensorrtExecutionProvider']"
+
+CANARY_STEP = obj(
+    "Send `weight` percent of traffic to the candidate, then pause.",
+    {
+        "weight": integer("Percent of traffic on the candidate.", minimum=1, maximum=100),
+        "pauseSeconds": integer(
+            "How long to hold this step while analysis runs (absent: hold until "
+            "status is promoted by a person, as with a bare Argo Rollouts pause).",
+            minimum=0,
+            maximum=86400,
+        ),
+    },
+    required=["weight"],
+)
+
+SPEC = obj(
+    "The desired serving of a model.",
+    {
+        "source": obj(
+            "What to serve: follow a ModelCompression's or TrainingJob's promoted artifact, or serve an artifact "
+            "URI; exactly one. When the followed resource promotes a new artifact, it is rolled out.",
+            {
+                "modelCompressionRef": common.local_ref("ModelCompression"),
+                "trainingJobRef": common.local_ref("TrainingJob"),
+                "uri": common.source_uri("Artifact to serve."),
+                "digest": common.digest("Pin to this artifact digest instead of following promotions."),
+            },
+            rules=[
+                rule(
+                    exactly_one("modelCompressionRef", "trainingJobRef", "uri"),
+                    "set exactly one of modelCompressionRef, trainingJobRef or uri",
+                )
+            ],
+        ),
+        "replicas": integer(
+            "Desired replicas when autoscaling is off (kubectl scale sets this).", minimum=0, maximum=1000, default=1
+        ),
+        "autoscaling": obj(
+            "A HorizontalPodAutoscaler between minReplicas and maxReplicas.",
+            {
+                "minReplicas": integer("Lower bound.", minimum=1, maximum=1000, default=1),
+                "maxReplicas": integer("Upper bound.", minimum=1, maximum=1000),
+                "metric": string(
+                    "Signal: CPU (out of the box), or the server's InFlightRequests, QueueTimeMs or "
+                    "P95LatencyMs through the custom metrics API.",
+                    enum=["CPU", "InFlightRequests", "QueueTimeMs", "P95LatencyMs"],
+                    default="CPU",
+                ),
+                "target": quantity("Target per replica: CPU utilisation percent, requests in flight, or ms."),
+            },
+            required=["maxReplicas", "target"],
+            rules=[
+                rule("self.maxReplicas >= self.minReplicas", "maxReplicas must be >= minReplicas", field=".maxReplicas")
+            ],
+        ),
+        "runtime": obj(
+            "The inference server (images/server).",
+            {
+                **common.image(),
+                "executionProvider": string(
+                    "ONNX Runtime execution provider; GPU providers need resources.gpus.",
+                    enum=common.EXECUTION_PROVIDERS,
+                    default="CPUExecutionProvider",
+                ),
+                "maxBatchSize": integer("Dynamic batching: largest merged batch.", minimum=1, maximum=4096, default=32),
+                "maxQueueDelayMs": integer(
+                    "Dynamic batching: longest wait to fill a batch.", minimum=0, maximum=10000, default=5
+                ),
+                "maxQueueSize": integer(
+                    "Requests queued before new ones get 429.", minimum=1, maximum=1_000_000, default=256
+                ),
+                "intraOpThreads": integer(
+                    "ONNX Runtime intra-op threads (0: one per CPU).", minimum=0, maximum=256, default=0
+                ),
+                "interOpThreads": integer(
+                    "ONNX Runtime inter-op threads (0: default).", minimum=0, maximum=256, default=0
+                ),
+            },
+            required=["image"],
+        ),
+        "rollout": obj(
+            "How a new artifact replaces the current one.",
+            {
+                "strategy": string(
+                    "Canary (steps with analysis and automatic rollback) or RollingUpdate.",
+                    enum=["Canary", "RollingUpdate"],
+                    default="RollingUpdate",
+                ),
+                "steps": array(
+                    "Canary steps; weights rise strictly and the last is 100.",
+                    CANARY_STEP,
+                    max_items=20,
+                    min_items=1,
+                    rules=[
+                        rule("self[size(self) - 1].weight == 100", "the last canary step must have weight 100"),
+                        rule(
+                            "self.map(s, s.weight).isSorted() && "
+                            "self.all(s, self.filter(t, t.weight == s.weight).size() == 1)",
+                            "canary weights must rise strictly",
+                        ),
+                    ],
+                ),
+                "analysis": obj(
+                    "Checks at each step, comparing the candidate with the stable revision; a failure rolls back.",
+                    {
+                        "intervalSeconds": integer("How often metrics are read.", minimum=5, maximum=3600, default=60),
+                        "maxErrorRate": number(
+                            "Largest allowed candidate error rate (5xx / all).", minimum=0, maximum=1, default=0.01
+                        ),
+                        "maxP95LatencyMs": number(
+                            "Largest allowed candidate p95 latency.", minimum=0, exclusive_minimum=True
+                        ),
+                        "minRequests": integer(
+                            "Requests the candidate must have served before a verdict.",
+                            minimum=0,
+                            maximum=100_000_000,
+                            default=100,
+                        ),
+                    },
+                    default={},
+                ),
+            },
+            default={"strategy": "RollingUpdate"},
+            rules=[
+                rule("self.strategy != 'Canary' || has(self.steps)", "strategy Canary needs steps", field=".steps"),
+                rule("self.strategy == 'Canary' || !has(self.steps)", "steps need strategy Canary", field=".steps"),
+            ],
+        ),
+        "service": obj(
+            "The Service in front of the serving revisions.",
+            {
+                "type": string("Service type.", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"),
+                "port": integer(
+                    "Service port (HTTP, Open Inference Protocol).", minimum=1, maximum=65535, default=8080
+                ),
+            },
+            default={},
+        ),
+        "resources": common.resources("Per replica.", gpus_help="Only with a GPU execution provider."),
+        "scheduling": common.scheduling(queue=False),
+        "podTemplate": common.pod_template(),
+    },
+    required=["source", "runtime"],
+    rules=[
+        rule(
+            f"self.resources.gpus == 0 || self.runtime.executionProvider in {GPU_PROVIDERS}",
+            "resources.gpus needs a GPU execution provider (a GPU count only with a GPU-capable runtime)",
+            field=".resources.gpus",
+        ),
+        rule(
+            f"!(self.runtime.executionProvider in {GPU_PROVIDERS}) || self.resources.gpus >= 1",
+            "a GPU execution provider needs resources.gpus >= 1",
+            field=".resources.gpus",
+        ),
+    ],
+)
+
+REVISION = obj(
+    "A served artifact.",
+    {
+        "revision": integer("Revision number (1-based, increasing).", minimum=1),
+        "uri": string("Artifact location.", max_length=2048),
+        "digest": string("Artifact digest.", max_length=71),
+        "shortDigest": string("First 12 hex digits.", max_length=12),
+        "deployment": string("The Deployment that serves it.", max_length=253),
+    },
+)
+
+STATUS = obj(
+    "What the operator observed.",
+    {
+        **common.status_base("ModelDeployment adds Progressing, Degraded and RolledBack."),
+        "phase": string("Summary: " + ", ".join(PHASES) + ".", enum=PHASES),
+        "replicas": integer("Serving pods (all revisions).", minimum=0),
+        "readyReplicas": integer("Ready serving pods.", minimum=0),
+        "selector": string("Label selector of the serving pods (for the scale subresource and HPAs).", max_length=1024),
+        "url": string("Cluster-local URL of the Service (and the route, when one is configured).", max_length=2048),
+        "current": REVISION,
+        "candidate": REVISION,
+        "canaryWeight": integer("Percent of traffic on the candidate.", minimum=0, maximum=100),
+        "canaryStep": integer("Index of the current canary step.", minimum=0),
+        "p95LatencyMs": number("Current revision's p95 latency, from the last analysis."),
+        "history": array(
+            "Past rollouts, newest last.",
+            obj(
+                "A rollout.",
+                {
+                    "revision": integer("Revision.", minimum=1),
+                    "digest": string("Artifact digest.", max_length=71),
+                    "outcome": string("How it ended.", enum=["InProgress", "Promoted", "RolledBack", "Superseded"]),
+                    "reason": string("Why.", max_length=1024),
+                    "startTime": timestamp("Start."),
+                    "endTime": timestamp("End."),
+                },
+            ),
+            max_items=50,
+        ),
+    },
+)
+
+SCALE = {
+    "specReplicasPath": ".spec.replicas",
+    "statusReplicasPath": ".status.replicas",
+    "labelSelectorPath": ".status.selector",
+}
+
+COLUMNS: list[Schema] = [
+    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
+    {"name": "Available", "type": "integer", "jsonPath": ".status.readyReplicas"},
+    {"name": "Canary", "type": "integer", "jsonPath": ".status.canaryWeight", "description": "Canary weight %."},
+    {"name": "P95ms", "type": "number", "jsonPath": ".status.p95LatencyMs"},
+    {"name": "Digest", "type": "string", "jsonPath": ".status.current.shortDigest"},
+    {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]

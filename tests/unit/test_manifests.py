@@ -1,0 +1,221 @@
+"""The install surface under manifests/, built the way users build it (kubectl's kustomize): least-privilege RBAC,
+a hardened single-replica Deployment, and optional components that keep both true."""
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from harness import bin_dir
+
+from kiln_operator import resources
+from kiln_operator.__main__ import parse
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "manifests"
+KUBECTL = bin_dir() / "kubectl"
+IMAGE = "kiln/operator:0.1.0"
+ACCOUNT = ("kiln-system", "kiln-operator")
+PLURALS = sorted(k.plural for k in resources.ALL)
+
+# (apiGroup, resource, verb) the operator is allowed: exactly what kopf and the handlers call today (README, Install).
+# No Events: kopf 1.45 posts none by default (settings.posting.loggers is false) and no handler calls kopf.event().
+NAMESPACED_GRANTS = {("kiln.dev", plural, verb) for plural in PLURALS for verb in ("list", "watch", "patch")} | {
+    ("kiln.dev", f"{plural}/status", "patch") for plural in PLURALS
+}
+CLUSTER_SCOPED_GRANTS = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+}
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    if not KUBECTL.exists():
+        pytest.skip(f"{KUBECTL} is not built (hack/build-control-plane.sh)")
+    out = subprocess.run([str(KUBECTL), "kustomize", str(path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def with_components(tmp_path: Path, *components: str) -> list[dict[str, Any]]:
+    """The default install plus the given components, as a user's own kustomization would combine them."""
+    here = os.path.relpath(MANIFESTS, tmp_path)  # kustomize refuses absolute roots
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [here],
+        "components": [f"{here}/components/{c}" for c in components],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(tmp_path)
+
+
+def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule["verbs"]
+    }
+
+
+@pytest.fixture(
+    params=["default", "servicemonitor", "namespaced", "both", "overlays/namespaced"],
+)
+def build(request: pytest.FixtureRequest, tmp_path: Path) -> list[dict[str, Any]]:
+    if request.param == "default":
+        return kustomize(MANIFESTS)
+    if request.param == "both":
+        return with_components(tmp_path, "servicemonitor", "namespaced")
+    if request.param.startswith("overlays/"):
+        return kustomize(MANIFESTS / request.param)
+    return with_components(tmp_path, request.param)
+
+
+def test_no_rbac_rule_has_a_wildcard_or_touches_secrets(build):
+    roles = [d for d in build if d["kind"] in ("ClusterRole", "Role")]
+    assert roles
+    for role in roles:
+        for rule in role["rules"]:
+            assert "nonResourceURLs" not in rule, role["metadata"]["name"]
+            for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert not any("*" in item for item in rule.get(field, [])), (role["metadata"]["name"], rule)
+            assert "secrets" not in rule.get("resources", []), (role["metadata"]["name"], rule)
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+
+
+def test_the_default_install_grants_exactly_what_the_operator_calls():
+    docs = kustomize(MANIFESTS)
+    assert grants(only(docs, "ClusterRole")) == NAMESPACED_GRANTS | CLUSTER_SCOPED_GRANTS
+    binding = only(docs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "kiln-operator",
+    }
+    assert [(s["kind"], s["namespace"], s["name"]) for s in binding["subjects"]] == [("ServiceAccount", *ACCOUNT)]
+    sa = only(docs, "ServiceAccount")
+    assert (sa["metadata"]["namespace"], sa["metadata"]["name"]) == ACCOUNT
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+
+
+def test_the_default_install_is_the_operator_only():
+    docs = kustomize(MANIFESTS)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"]
+    )
+    # Not the samples (custom resources, applied after the CRDs) and not the optional ServiceMonitor.
+    assert not [d for d in docs if d["apiVersion"].startswith(("kiln.dev/", "monitoring.coreos.com/"))]
+    namespace = only(docs, "Namespace")
+    assert namespace["metadata"]["name"] == "kiln-system"
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_the_deployment_is_hardened(build):
+    deployment = only(build, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}  # kopf --standalone: never two operators at once
+    pod = spec["template"]["spec"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert pod["automountServiceAccountToken"] is True
+    assert pod["serviceAccountName"] == only(build, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    assert container["image"] == IMAGE
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == sc["runAsGroup"] == 65532
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind]), kind
+    # Writable /tmp on the read-only root filesystem.
+    (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == tmp["name"]]
+    assert "emptyDir" in volume
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_the_probe_and_the_ports_match_the_operator_flags(build):
+    container = only(build, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    # The args must be what kiln-operator accepts, and the probe must hit the liveness endpoint they configure.
+    kopf_argv, env = parse(container["args"])
+    assert "--liveness=http://0.0.0.0:8080/healthz" in kopf_argv
+    assert env["KILN_METRICS_ADDRESS"] == "0.0.0.0:9090"
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    assert ports.get(probe["port"], probe["port"]) == 8080
+    service = only(build, "Service")
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["port"], ports[port["targetPort"]]) == ("metrics", 9090, 9090)
+    pod_labels = only(build, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_the_default_install_watches_every_namespace():
+    container = only(kustomize(MANIFESTS), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == [
+        "--all-namespaces",
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics=0.0.0.0:9090",
+    ]
+
+
+def test_the_user_matches_the_image():
+    dockerfile = (REPO / "images/operator/Dockerfile").read_text()
+    assert "USER 65532:65532" in dockerfile
+    assert 'ENTRYPOINT ["kiln-operator"]' in dockerfile
+
+
+def test_namespaced_component_moves_the_namespaced_grants_into_a_role(tmp_path):
+    docs = with_components(tmp_path, "namespaced")
+    role, binding = only(docs, "Role"), only(docs, "RoleBinding")
+    deployment = only(docs, "Deployment")
+    assert grants(role) == NAMESPACED_GRANTS
+    # Only what has no namespace stays cluster-wide, read-only.
+    assert grants(only(docs, "ClusterRole")) == CLUSTER_SCOPED_GRANTS
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert [(s["kind"], s["namespace"], s["name"]) for s in binding["subjects"]] == [("ServiceAccount", *ACCOUNT)]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "--namespace=$(POD_NAMESPACE)"
+    assert "--all-namespaces" not in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_namespaced_overlay_installs_into_an_existing_namespace():
+    docs = kustomize(MANIFESTS / "overlays/namespaced")
+    assert not [d for d in docs if d["kind"] == "Namespace"]  # the team's namespace is not ours to create
+    namespaced = [d for d in docs if d["kind"] not in ("ClusterRole", "ClusterRoleBinding")]
+    assert {d["metadata"]["namespace"] for d in namespaced} == {"team-a"}
+    binding = only(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == only(docs, "ClusterRole")["metadata"]["name"] == "team-a-kiln-operator"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "team-a-kiln-operator", "namespace": "team-a"}]
+
+
+def test_servicemonitor_component_scrapes_the_metrics_service(tmp_path):
+    docs = with_components(tmp_path, "servicemonitor")
+    monitor, service = only(docs, "ServiceMonitor"), only(docs, "Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
