@@ -11,11 +11,28 @@ state=${KWOK_WORKDIR:-$repo/.kwok}
 echo "[up] installing the CRDs" >&2
 kubectl apply -f crds/ >&2
 kubectl wait --for=condition=Established --timeout=60s -f crds/ >&2
+# The operator runs here, outside the cluster, but with exactly the identity and RBAC an install gives it:
+# the ServiceAccount, ClusterRole and binding from manifests/ (not its Deployment: kwok would only pretend to run it).
+echo "[up] installing the operator's ServiceAccount and RBAC from manifests/" >&2
+kubectl kustomize manifests/ | .venv/bin/python -c '
+import sys, yaml
+keep = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+print(yaml.safe_dump_all(d for d in yaml.safe_load_all(sys.stdin) if d and d["kind"] in keep))' | kubectl apply -f - >&2
 if [ -f "$state/operator.pid" ] && kill -0 "$(cat "$state/operator.pid")" 2>/dev/null; then
   echo "[up] operator already running (pid $(cat "$state/operator.pid"))" >&2
 else
-  echo "[up] starting the operator (log: $state/operator.log)" >&2
-  KUBECONFIG=$kubeconfig nohup .venv/bin/kiln-operator --all-namespaces \
+  sa_kubeconfig=$state/operator.kubeconfig
+  rm -f "$sa_kubeconfig"
+  server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+  KUBECONFIG=$sa_kubeconfig kubectl config set-cluster kiln --server="$server" \
+    --certificate-authority="$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.certificate-authority}')" \
+    --embed-certs >/dev/null
+  KUBECONFIG=$sa_kubeconfig kubectl config set-credentials kiln-operator \
+    --token="$(kubectl create token kiln-operator -n kiln-system --duration=24h)" >/dev/null
+  KUBECONFIG=$sa_kubeconfig kubectl config set-context kiln --cluster=kiln --user=kiln-operator >/dev/null
+  KUBECONFIG=$sa_kubeconfig kubectl config use-context kiln >/dev/null
+  echo "[up] starting the operator as system:serviceaccount:kiln-system:kiln-operator (log: $state/operator.log)" >&2
+  KUBECONFIG=$sa_kubeconfig nohup .venv/bin/kiln-operator --all-namespaces \
     --liveness=http://127.0.0.1:8080/healthz --metrics=127.0.0.1:9090 > "$state/operator.log" 2>&1 &
   echo $! > "$state/operator.pid"
 fi
