@@ -1,6 +1,12 @@
-"""Kiln trainer program: a placeholder until issue 5 brings the real one."""
+"""Entrypoint of the Kiln trainer image: the program is the kiln_trainer package (README "Trainer").
+
+Single process: ``python train.py --dataset-uri ... --output-uri ...``; multi-GPU / multi-node:
+``torchrun --nnodes N --nproc-per-node P ... train.py ...`` (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK).
+"""
 
 import sys
 
+from kiln_trainer.loop import main
+
 if __name__ == "__main__":
-    sys.exit("kiln trainer: not implemented yet (issue 5)")
+    sys.exit(main())

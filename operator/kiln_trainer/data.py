@@ -1,0 +1,142 @@
+"""Inputs by URI: the dataset (idx images or jsonl text) and the base model folder, checked before training.
+
+Datasets are kiln artifacts (kiln_artifacts.load verifies them); a local folder without a manifest is accepted
+too, for hand-made data. Formats, named by ``format`` in ``dataset.json``:
+
+- ``idx`` (image-classification): the MNIST layout of ``kiln_artifacts.samples``.
+- ``jsonl`` (text-classification): ``train.jsonl`` / ``test.jsonl``, one ``{"text": str, "label": int}`` a line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kiln_artifacts as ka
+from kiln_artifacts import samples
+
+from .report import InfrastructureError, UserError
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved input: its local folder and, when it is an artifact, its digest."""
+
+    uri: str
+    path: Path
+    digest: str | None
+
+
+@dataclass
+class Dataset:
+    task: str
+    classes: list[str]
+    train_x: Any  # numpy uint8 [n, h, w] for images; list[str] for text
+    train_y: Any  # numpy int64 [n]
+    test_x: Any | None
+    test_y: Any | None
+    source: Source
+
+
+def resolve(uri: str, field: str) -> Source:
+    """Load (and verify) the artifact at ``uri``; a plain local folder is accepted as is."""
+    try:
+        art = ka.load(uri)
+        return Source(uri, art.root, art.digest)
+    except ka.ArtifactNotFoundError as e:
+        local = ka.parse_uri(uri).local_path()
+        if local is not None and local.is_dir():
+            return Source(uri, local, None)
+        raise UserError(f"{field} {uri}: not found ({e})") from None
+    except (ka.IntegrityError, ka.InvalidManifestError) as e:
+        raise UserError(f"{field} {uri}: {e}") from None
+    except ka.InvalidURIError as e:
+        raise UserError(f"{field}: {e}") from None
+    except (ka.CredentialsError, OSError) as e:
+        raise InfrastructureError(f"{field} {uri}: storage unreachable: {type(e).__name__}: {e}") from None
+
+
+def load_dataset(uri: str, task: str | None) -> Dataset:
+    import numpy as np
+
+    src = resolve(uri, "dataset.uri")
+    info_path = src.path / "dataset.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"dataset.uri {uri}: no dataset.json (format idx or jsonl, see README 'Trainer')") from None
+    except ValueError as e:
+        raise UserError(f"dataset.uri {uri}: dataset.json is not valid JSON: {e}") from None
+    fmt = info.get("format")
+    classes = info.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise UserError(f"dataset.uri {uri}: dataset.json 'classes' must list at least 2 classes")
+    formats = {"idx": "image-classification", "jsonl": "text-classification"}
+    if fmt not in formats:
+        raise UserError(f"dataset.uri {uri}: format {fmt!r} is not one of {', '.join(formats)}")
+    if task is not None and task != formats[fmt]:
+        raise UserError(f"dataset.uri {uri}: format {fmt} holds {formats[fmt]} data, not {task}")
+    splits: dict[str, tuple[Any, Any]] = {}
+    for split in ("train", "test"):
+        if fmt == "idx":
+            if not (src.path / samples.IDX_FILES[split][0]).is_file():
+                continue
+            try:
+                x, y = samples.load_idx_dataset(src.path, split)
+            except ka.ArtifactError as e:
+                raise UserError(f"dataset.uri {uri}: {split} split: {e}") from None
+            if x.ndim != 3:
+                raise UserError(f"dataset.uri {uri}: {split} images must be [n, height, width], got {x.shape}")
+        else:
+            path = src.path / f"{split}.jsonl"
+            if not path.is_file():
+                continue
+            x, labels = [], []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                    text, label = row["text"], row["label"]
+                except (ValueError, KeyError, TypeError):
+                    raise UserError(f"dataset.uri {uri}: {split}.jsonl line {n}: must be {{text, label}}") from None
+                if not isinstance(text, str) or isinstance(label, bool) or not isinstance(label, int):
+                    raise UserError(f"dataset.uri {uri}: {split}.jsonl line {n}: text must be a string, label an int")
+                x.append(text)
+                labels.append(label)
+            y = np.asarray(labels, dtype=np.int64)
+        if len(y) == 0:
+            raise UserError(f"dataset.uri {uri}: {split} split is empty")
+        bad = np.flatnonzero((y < 0) | (y >= len(classes)))
+        if bad.size:
+            raise UserError(
+                f"dataset.uri {uri}: {split} label {int(y[bad[0]])} at index {int(bad[0])} is out of range "
+                f"0..{len(classes) - 1} ({bad.size} labels out of range)"
+            )
+        splits[split] = (x, y)
+    if "train" not in splits:
+        raise UserError(f"dataset.uri {uri}: no train split")
+    test = splits.get("test", (None, None))
+    return Dataset(formats[fmt], [str(c) for c in classes], *splits["train"], *test, source=src)
+
+
+def check_model_dir(uri: str, task: str) -> tuple[Source, dict[str, Any]]:
+    """The base model: a folder with config.json and weights (transformers, or a Kiln CNN for images)."""
+    src = resolve(uri, "model.uri")
+    try:
+        config = json.loads((src.path / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"model.uri {uri}: not a model directory (no config.json)") from None
+    except ValueError as e:
+        raise UserError(f"model.uri {uri}: config.json is not valid JSON: {e}") from None
+    weights = ("model.safetensors", "pytorch_model.bin")
+    if not any((src.path / w).is_file() for w in weights):
+        raise UserError(f"model.uri {uri}: not a model directory (no {' or '.join(weights)})")
+    if task == "text-classification":
+        if "model_type" not in config:
+            raise UserError(f"model.uri {uri}: config.json has no model_type (not a transformers model)")
+        if not (src.path / "tokenizer.json").is_file() and not (src.path / "vocab.txt").is_file():
+            raise UserError(f"model.uri {uri}: no tokenizer (tokenizer.json or vocab.txt)")
+    elif config.get("architecture") != "KilnCNN":
+        raise UserError(f"model.uri {uri}: image-classification fine-tunes a KilnCNN model, got {config!r:.80}")
+    return src, config
