@@ -1,0 +1,332 @@
+"""TrainingJob -> its children: one headless Service per TrainingJob and one Indexed Job per attempt.
+
+The layout is JobSet's: an Indexed Job with one pod per node, whose pods get stable DNS names
+(``<job>-<index>.<service>``) through a headless Service, so rank 0 is reachable before any pod is Ready.
+The handler adopts every object returned here with ``kopf.adopt(obj, owner=body, strict=True)``; the builders
+set the namespace and leave ownerReferences alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kiln_artifacts.k8s import pvc_volume
+from kiln_artifacts.uri import parse_uri
+
+Obj = dict[str, Any]
+
+CONTAINER = "trainer"
+MASTER_PORT = 29500
+GPU = "nvidia.com/gpu"
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+TJ_LABEL = "kiln.dev/trainingjob"
+ATTEMPT_LABEL = "kiln.dev/attempt"
+# The spec fields the trainer reads from KILN_TRAINING_SPEC; it rejects any other top-level field.
+TRAINER_FIELDS = ("model", "dataset", "output", "hyperparameters", "checkpoint", "resume")
+# (field, read-only) of every URI the trainer may open; a pvc:// one needs its claim mounted.
+URI_FIELDS = (("model", True), ("dataset", True), ("resume.fromUri", True), ("output", False), ("checkpoint", False))
+MAX_ATTEMPT = 999_999_999  # 48 (name) + "-" + 9 digits + "-1023" (pod index) = 63, a DNS label
+NONROOT = 65532  # the images' USER
+
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _base(tj_name: str) -> str:
+    """A DNS-1035 label of at most 48 characters for a TrainingJob name (a DNS-1123 subdomain, at most 48).
+
+    Service names and pod hostnames must be labels that start with a letter; names that are not get a readable
+    prefix and a hash suffix, so two TrainingJobs never share children (``a.b`` and ``a-b`` differ)."""
+    if _DNS1035.match(tj_name) and len(tj_name) <= 48:
+        return tj_name
+    safe = re.sub(r"[^a-z0-9-]", "-", tj_name.lower())[:36].strip("-")
+    return f"tj-{safe}-{hashlib.sha256(tj_name.encode()).hexdigest()[:8]}".replace("--", "-")
+
+
+def job_name(tj_name: str, attempt: int) -> str:
+    """``<tj>-<attempt>``: one Job per attempt, so a replaced attempt never reuses a name still being deleted."""
+    if not 1 <= attempt <= MAX_ATTEMPT:
+        raise ValueError(f"attempt must be in 1..{MAX_ATTEMPT}, got {attempt}")
+    return f"{_base(tj_name)}-{attempt}"
+
+
+def service_name(tj_name: str) -> str:
+    """``<tj>-svc``: one headless Service per TrainingJob, shared by all its attempts."""
+    return f"{_base(tj_name)}-svc"
+
+
+def labels(tj_name: str, attempt: int | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "kiln-trainer",
+        "app.kubernetes.io/instance": tj_name,
+        "app.kubernetes.io/component": "training",
+        "app.kubernetes.io/part-of": "kiln",
+        "app.kubernetes.io/managed-by": "kiln-operator",
+        TJ_LABEL: tj_name,
+    }
+    if attempt is not None:
+        out[ATTEMPT_LABEL] = str(attempt)
+    return out
+
+
+def headless_service(body: Mapping[str, Any]) -> Obj:
+    """The headless Service that gives every pod of every attempt the DNS name ``<job>-<index>.<service>``."""
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(name), "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "clusterIP": "None",
+            # Ranks rendezvous before any pod is Ready (there is no readiness probe to pass).
+            "publishNotReadyAddresses": True,
+            "selector": {TJ_LABEL: name},
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def _get(spec: Mapping[str, Any], path: str) -> Any:
+    node: Any = spec
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node
+
+
+def processes_per_node(spec: Mapping[str, Any]) -> int:
+    """spec.processesPerNode, else one process per GPU, else 1."""
+    return int(spec.get("processesPerNode") or (spec.get("resources") or {}).get("gpus") or 1)
+
+
+def _pvc_mounts(spec: Mapping[str, Any]) -> tuple[list[Obj], list[Obj], list[Obj]]:
+    """Volumes, mounts and env for the pvc:// URIs: each claim once, read-write if any use of it writes."""
+    found: dict[str, Obj] = {}
+    for field, read_only in URI_FIELDS:
+        value = _get(spec, field)
+        uri = value.get("uri") if isinstance(value, Mapping) else value
+        if not uri or parse_uri(uri, field=f"spec.{field}").scheme != "pvc":
+            continue
+        pv = pvc_volume(uri, read_only=read_only, field=f"spec.{field}")
+        prev = found.get(pv["volume"]["name"])
+        if prev is None or (prev["volumeMount"]["readOnly"] and not read_only):
+            found[pv["volume"]["name"]] = pv
+    ordered = [found[k] for k in sorted(found)]
+    env = ordered[0]["env"] if ordered else []
+    return [pv["volume"] for pv in ordered], [pv["volumeMount"] for pv in ordered], env
+
+
+def _launch(spec: Mapping[str, Any], nodes: int, nproc: int, master: str) -> list[str]:
+    """The container command. One process per pod runs the program directly (its exit code is the container's);
+    several run under torchrun, as the trainer's README prescribes. A spec.command replaces the per-process
+    program (under ``torchrun --no-python`` when there are several processes)."""
+    program = list(spec.get("command") or ["python", "-m", "kiln_trainer"])
+    if nproc == 1:
+        return program
+    torchrun = [
+        "torchrun",
+        f"--nnodes={nodes}",
+        f"--nproc-per-node={nproc}",
+        # Kubernetes expands $(VAR) from the container env: the rank comes from the completion index.
+        "--node-rank=$(PET_NODE_RANK)",
+        f"--master-addr={master}",
+        f"--master-port={MASTER_PORT}",
+    ]
+    if spec.get("command"):
+        return [*torchrun, "--no-python", *program]
+    return [*torchrun, "-m", "kiln_trainer"]
+
+
+def _kiln_env(body: Mapping[str, Any], image: str, master: str, pvc_env: Sequence[Obj]) -> list[Obj]:
+    """The env Kiln owns: the trainer contract and the torchrun / PET_* rendezvous (README, Trainer)."""
+    spec, meta = body["spec"], body["metadata"]
+    nodes, nproc = int(spec.get("nodes") or 1), processes_per_node(spec)
+    trainer_spec = {k: spec[k] for k in TRAINER_FIELDS if k in spec}
+
+    def rank(name: str) -> Obj:  # a fresh dict each time: no aliasing inside the output
+        return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}
+
+    env: list[Obj] = [
+        {"name": "KILN_TRAINING_SPEC", "value": json.dumps(trainer_spec, sort_keys=True, separators=(",", ":"))},
+        {"name": "KILN_JOB_NAMESPACE", "value": meta["namespace"]},
+        {"name": "KILN_JOB_NAME", "value": meta["name"]},
+        {"name": "KILN_JOB_UID", "value": meta.get("uid", "")},
+        {"name": "KILN_IMAGE", "value": image},
+        {"name": "MASTER_ADDR", "value": master},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "NNODES", "value": str(nodes)},
+        {"name": "NPROC_PER_NODE", "value": str(nproc)},
+        rank("NODE_RANK"),
+        {"name": "WORLD_SIZE", "value": str(nodes * nproc)},  # total processes (trainer README)
+        {"name": "PET_NNODES", "value": str(nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(nproc)},
+        rank("PET_NODE_RANK"),
+        {"name": "PET_MASTER_ADDR", "value": master},
+        {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
+    ]
+    if nproc == 1:
+        # One process per pod: its rank is the node rank. Under torchrun, torchrun sets RANK/LOCAL_RANK per worker.
+        env += [rank("RANK"), {"name": "LOCAL_RANK", "value": "0"}]
+    return env + [dict(e) for e in pvc_env]  # KILN_PVC_ROOT: where the claims are mounted
+
+
+def _resources(spec: Mapping[str, Any]) -> Obj:
+    res = spec.get("resources") or {}
+    fixed = {k: res[k] for k in ("cpu", "memory") if res.get(k) is not None}
+    out: Obj = {"requests": dict(fixed), "limits": dict(fixed)} if fixed else {}
+    if res.get("gpus"):
+        # Extended resources are limits only; the request defaults to the limit.
+        out.setdefault("limits", {})[GPU] = res["gpus"]
+    return out
+
+
+def merge(base: Any, override: Any) -> Any:
+    """A small strategic-merge: dicts merge recursively, a None value removes a key, lists whose items all have a
+    ``name`` (containers, volumes, env, volumeMounts) merge by name, other lists are replaced. Never mutates."""
+    if isinstance(base, Mapping) and isinstance(override, Mapping):
+        out = {k: copy.deepcopy(v) for k, v in base.items()}
+        for k, v in override.items():
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = merge(out[k], v) if k in out else copy.deepcopy(v)
+        return out
+    if isinstance(base, list) and isinstance(override, list) and _named(base) and _named(override):
+        by_name = {item["name"]: item for item in override}
+        out_list = [merge(item, by_name.pop(item["name"])) if item["name"] in by_name else item for item in base]
+        return copy.deepcopy(out_list) + [copy.deepcopy(item) for item in override if item["name"] in by_name]
+    return copy.deepcopy(override)
+
+
+def _named(items: list[Any]) -> bool:
+    return all(isinstance(i, Mapping) and "name" in i for i in items)
+
+
+def _reassert(items: list[Obj], owned: Sequence[Obj]) -> list[Obj]:
+    """Drop the merged items that carry an owned name, then append the owned ones as built."""
+    names = {o["name"] for o in owned}
+    return [i for i in items if i.get("name") not in names] + copy.deepcopy(list(owned))
+
+
+def indexed_job(
+    body: Mapping[str, Any],
+    attempt: int,
+    *,
+    image_default: str | None = None,
+    artifact_env: Sequence[Mapping[str, Any]] = (),
+) -> Obj:
+    """The batch/v1 Indexed Job of one attempt: one pod per node, completion index = node rank.
+
+    ``artifact_env`` is the operator's store configuration for the pod (e.g. ``kiln_artifacts.k8s.s3_env(secret)``
+    and ``hf_env(secret)``); spec.env may override it, but not the env Kiln owns. ``image_default`` is used when
+    the spec names no image. backoffLimit 0: one failed pod fails the attempt and the operator replaces the whole
+    group; no activeDeadlineSeconds: deadlines span attempts, so the operator enforces them."""
+    meta, spec = body["metadata"], body["spec"]
+    tj, namespace = meta["name"], meta["namespace"]
+    image = spec.get("image") or image_default
+    if not image:
+        raise ValueError("spec.image is empty and no default image is configured")
+    name, nodes, nproc = job_name(tj, attempt), int(spec.get("nodes") or 1), processes_per_node(spec)
+    master = f"{name}-0.{service_name(tj)}"  # index 0's stable DNS name, through the headless Service
+    scheduling = spec.get("scheduling") or {}
+    gpus = (spec.get("resources") or {}).get("gpus") or 0
+
+    pvc_volumes, pvc_mounts, pvc_env = _pvc_mounts(spec)
+    volumes = [
+        *pvc_volumes,
+        {"name": "tmp", "emptyDir": {}},  # the root filesystem is read-only; HOME, TMPDIR and caches live here
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # DataLoader workers and NCCL need a large /dev/shm
+    ]
+    mounts = [*pvc_mounts, {"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    kiln_env = _kiln_env(body, image, master, pvc_env)
+    kiln_names = {e["name"] for e in kiln_env}
+    user_env = merge([copy.deepcopy(dict(e)) for e in artifact_env], copy.deepcopy(spec.get("env") or []))
+    command = _launch(spec, nodes, nproc, master)
+    args = list(spec.get("args") or [])
+
+    container: Obj = {
+        "name": CONTAINER,
+        "image": image,
+        "imagePullPolicy": spec.get("imagePullPolicy") or "IfNotPresent",
+        "command": command,
+        "args": args,
+        "env": [e for e in user_env if e["name"] not in kiln_names] + kiln_env,
+        "resources": _resources(spec),
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
+        "volumeMounts": mounts,
+        # The trainer writes its JSON result there; a crash before that still leaves the log tail.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    tolerations = copy.deepcopy(list(scheduling.get("tolerations") or []))
+    gpu_toleration = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
+    if gpus and gpu_toleration not in tolerations:
+        tolerations.append(gpu_toleration)
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(tj),
+        "enableServiceLinks": False,  # no env var per Service in the namespace (it can be thousands)
+        # The trainer checkpoints on SIGTERM: one step plus one checkpoint write must fit (README, Trainer).
+        "terminationGracePeriodSeconds": 300,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": NONROOT,
+            "runAsGroup": NONROOT,
+            "fsGroup": NONROOT,  # PVCs are writable by the trainer
+            "fsGroupChangePolicy": "OnRootMismatch",  # no recursive chown of a large data set on every start
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    for key in ("nodeSelector", "affinity", "priorityClassName"):
+        if scheduling.get(key):
+            pod_spec[key] = copy.deepcopy(scheduling[key])
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    pod_labels = labels(tj, attempt)
+    pod_meta: Obj = {"labels": dict(pod_labels)}
+
+    override = spec.get("podTemplate") or {}
+    if override:
+        pod_meta = merge(pod_meta, override.get("metadata") or {})
+        pod_meta["labels"] = {**pod_meta.get("labels", {}), **pod_labels}  # the Service selects on these
+        pod_spec = merge(pod_spec, override.get("spec") or {})
+        # Re-assert what Kiln owns: restart semantics, DNS, the trainer's launch, env and artifact volumes.
+        pod_spec.update(restartPolicy="Never", subdomain=service_name(tj))
+        pod_spec["volumes"] = _reassert(pod_spec.get("volumes") or [], volumes)
+        trainer = next((c for c in pod_spec["containers"] if c.get("name") == CONTAINER), None)
+        if trainer is None:  # a containers list without names replaced ours: put the trainer back first
+            trainer = copy.deepcopy(container)
+            pod_spec["containers"].insert(0, trainer)
+        trainer.update(image=image, command=list(command), args=list(args))
+        trainer["env"] = _reassert(trainer.get("env") or [], kiln_env)
+        trainer["volumeMounts"] = _reassert(trainer.get("volumeMounts") or [], mounts)
+
+    job_labels = labels(tj, attempt)
+    queue = scheduling.get("queueName")
+    if queue:
+        job_labels[QUEUE_LABEL] = queue
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": job_labels},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            "backoffLimit": 0,
+            # Kueue admits a queued Job by flipping suspend; spec.suspend holds it as well.
+            "suspend": bool(queue) or bool(spec.get("suspend")),
+            "template": {"metadata": pod_meta, "spec": pod_spec},
+        },
+    }
+    return copy.deepcopy(job)  # nothing shared with the body or between fields: the handler may edit it freely
