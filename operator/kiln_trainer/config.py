@@ -73,25 +73,24 @@ class TrainConfig:
         return out
 
     def extra_int(self, key: str, default: int, lo: int, hi: int) -> int:
-        raw = self.extra.get(key)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise UserError(f"hyperparameters.extra.{key}: must be an integer, got {raw!r}") from None
-        if not lo <= value <= hi:
-            raise UserError(f"hyperparameters.extra.{key}: must be in {lo}..{hi}, got {value}")
-        return value
+        return int(self._extra_number(key, default, int, "an integer", lo, hi))
 
     def extra_float(self, key: str, default: float, lo: float) -> float:
+        return float(self._extra_number(key, default, float, "a number", lo, None))
+
+    def _extra_number(
+        self, key: str, default: float, cast: type[int] | type[float], what: str, lo: float, hi: float | None
+    ) -> float:
+        """hyperparameters.extra values arrive as strings: parse and bound-check one, naming it on error."""
         raw = self.extra.get(key)
         if raw is None:
             return default
         try:
-            value = float(raw)
+            value = cast(raw)
         except ValueError:
-            raise UserError(f"hyperparameters.extra.{key}: must be a number, got {raw!r}") from None
+            raise UserError(f"hyperparameters.extra.{key}: must be {what}, got {raw!r}") from None
+        if hi is not None and not lo <= value <= hi:
+            raise UserError(f"hyperparameters.extra.{key}: must be in {lo}..{hi}, got {value}")
         if not value >= lo:
             raise UserError(f"hyperparameters.extra.{key}: must be >= {lo}, got {value}")
         return value
