@@ -12,6 +12,8 @@ class Kind:
     kind: str
     plural: str
 
+    api_version: str = API_VERSION
+
     @property
     def resource(self) -> tuple[str, str, str]:
         """(group, version, plural): what kopf's decorators take."""

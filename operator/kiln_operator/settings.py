@@ -30,6 +30,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     # Short request timeout: a stuck API call fails fast and kopf retries it, instead of hanging 5 minutes.
     settings.networking.request_timeout = 30
     settings.networking.connect_timeout = 10
+    # Server-side filtering: the operator caches only the Jobs and pods it made, not every pod in the cluster.
+    settings.watching.label_selectors["batch", "v1", "jobs"] = "app.kubernetes.io/managed-by=kiln-operator"
+    settings.watching.label_selectors["", "v1", "pods"] = "app.kubernetes.io/managed-by=kiln-operator"
     # Events are the user-facing record of transitions; name them as ours.
     settings.posting.reporting_component = "kiln-operator"
     settings.posting.reporting_instance = os.environ.get("POD_NAME", socket.gethostname())

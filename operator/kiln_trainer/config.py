@@ -2,7 +2,8 @@
 
 Names follow the TrainingJob spec so the operator passes them straight through: ``KILN_TRAINING_SPEC`` (or
 ``--spec FILE``) holds ``{"model": {"uri"}, "dataset": {"uri"}, "output": {"uri"}, "hyperparameters": {...},
-"checkpoint": {"uri", "everySteps", "everyMinutes", "keep"}, "resume": {"policy"}}``; flags override it.
+"checkpoint": {"uri", "everySteps", "everyMinutes", "keep"}, "resume": {"policy", "fromUri"}}``; flags override
+it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class TrainConfig:
     checkpoint_every_minutes: float = 30.0
     checkpoint_keep: int = 3
     resume: str = "Latest"
+    resume_from: str | None = None  # resume.fromUri: a checkpoint to start from when checkpoint.uri has none yet
     extra: Mapping[str, str] = field(default_factory=dict)
     progress_file: str | None = None
     termination_log: str | None = "/dev/termination-log"
@@ -216,9 +218,20 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     minutes = ck.get("everyMinutes", 30)
     if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not 0 < minutes <= 1440:
         raise UserError(f"checkpoint.everyMinutes: must be a number in (0, 1440], got {minutes!r}")
-    policy = (spec.get("resume") or {}).get("policy", "Latest")
+    resume = spec.get("resume") or {}
+    unknown = sorted(set(resume) - {"policy", "fromUri"})
+    if unknown:
+        raise UserError(f"resume: unknown field(s) {', '.join(unknown)} (allowed: fromUri, policy)")
+    policy = resume.get("policy", "Latest")
     if policy not in ("Latest", "Never"):
         raise UserError(f"resume.policy: must be Latest or Never, got {policy!r}")
+    resume_from = (
+        _uri({"resume": {"uri": resume["fromUri"]}}, "resume", write=False, required=False)
+        if resume.get("fromUri")
+        else None
+    )
+    if resume_from and policy == "Never":
+        raise UserError("resume.fromUri: needs resume.policy Latest")
     cfg = TrainConfig(
         dataset_uri=_uri(spec, "dataset", write=False, required=True) or "",
         model_uri=_uri(spec, "model", write=False, required=False),
@@ -236,6 +249,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         checkpoint_every_minutes=float(minutes),
         checkpoint_keep=_int(ck, "checkpoint", "keep", 1, 100) or 3,
         resume=policy,
+        resume_from=resume_from,
         extra=dict(extra),
         progress_file=args.progress_file or env.get("KILN_PROGRESS_FILE"),
         termination_log=args.termination_log or env.get("KILN_TERMINATION_LOG") or "/dev/termination-log",

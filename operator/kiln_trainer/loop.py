@@ -318,12 +318,15 @@ class Trainer:
     def _resume(self) -> int:
         from . import checkpoint
 
-        if not self.cfg.checkpoint_uri or self.cfg.resume == "Never":
+        if self.cfg.resume == "Never":
             return 0
-        found = checkpoint.list_checkpoints(self.cfg.checkpoint_uri)
-        if not found:
+        found = checkpoint.list_checkpoints(self.cfg.checkpoint_uri) if self.cfg.checkpoint_uri else []
+        if found:
+            ck = found[-1]  # this job's own newest complete checkpoint wins over resume.fromUri
+        elif self.cfg.resume_from:
+            ck = checkpoint.Checkpoint(step=-1, uri=self.cfg.resume_from)
+        else:
             return 0
-        ck = found[-1]
         state = checkpoint.load_state(ck)
         global_batch = self.cfg.batch_size * self.dist.world * self.cfg.gradient_accumulation_steps
         if state["global_batch"] != global_batch:
@@ -337,8 +340,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if len(state["rng"]) == self.dist.world:
             self._set_rng_state(state["rng"][self.dist.rank])
-        self.last_checkpoint = {"step": ck.step, "uri": ck.uri}
-        log.info("resumed from %s (step %d)", ck.uri, ck.step)
+        self.last_checkpoint = {"step": int(state["step"]), "uri": ck.uri}
+        log.info("resumed from %s (step %d)", ck.uri, int(state["step"]))
         return int(state["step"])
 
     # --- the loop --------------------------------------------------------------------------------------------

@@ -35,7 +35,12 @@ def test_crds_are_established_and_grouped(cluster: Cluster, crds: None):
 def test_operator_reconciles_samples_and_spec_changes(cluster: Cluster, namespace: str, operator: Operator):
     cluster.kubectl("apply", "-n", namespace, "-k", str(REPO / "manifests/samples"))
     samples = ("trainingjob/sentiment-minilm", "modelcompression/sentiment-minilm-int8", "modeldeployment/sentiment")
-    for ref in samples:
+    # The TrainingJob controller runs the sample to the end (kwok's pods succeed).
+    done = wait_for(
+        lambda: reconciled(cluster, namespace, samples[0], 1).get("phase") == "Succeeded", what="sample TrainingJob"
+    )
+    assert done
+    for ref in samples[1:]:
         status = wait_for(lambda ref=ref: reconciled(cluster, namespace, ref, 1), what=f"{ref} observedGeneration=1")
         (ready,) = [c for c in status["conditions"] if c["type"] == "Ready"]
         assert (ready["status"], ready["reason"], ready["observedGeneration"]) == (
@@ -52,7 +57,9 @@ def test_operator_reconciles_samples_and_spec_changes(cluster: Cluster, namespac
     wait_for(lambda: reconciled(cluster, namespace, samples[0], 2), what="observedGeneration=2")
 
     # `kubectl wait` understands the status (kstatus shape).
-    out = cluster.kubectl("wait", "-n", namespace, samples[0], "--for=condition=Ready=Unknown", "--timeout=10s")
+    out = cluster.kubectl("wait", "-n", namespace, samples[0], "--for=condition=Succeeded", "--timeout=10s")
+    assert "condition met" in out.stdout
+    out = cluster.kubectl("wait", "-n", namespace, samples[1], "--for=condition=Ready=Unknown", "--timeout=10s")
     assert "condition met" in out.stdout
 
     metrics = operator.metrics()

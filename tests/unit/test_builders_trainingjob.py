@@ -133,14 +133,18 @@ def test_indexed_job_shape():
         "name": "llm-sft-multinode-3",
         "namespace": "team-a",
         "labels": b.labels("llm-sft-multinode", 3),
+        "annotations": {},
     }
+    # A disruption fails the Job by a rule, so its Failed condition names it after the pod is gone.
+    assert spec["podFailurePolicy"]["rules"] == [
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    ]
     assert job["metadata"]["labels"]["kiln.dev/attempt"] == "3"
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == 2
     assert spec["backoffLimit"] == 0
     assert spec["suspend"] is False
     assert "activeDeadlineSeconds" not in spec
-    assert "podFailurePolicy" not in spec
     assert pod(job)["subdomain"] == b.service_name("llm-sft-multinode")
     assert pod(job)["restartPolicy"] == "Never"
     assert pod(job)["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
@@ -306,7 +310,7 @@ def test_user_env_and_artifact_env_cannot_override_kiln_env():
     job = b.indexed_job(body, 1, artifact_env=[*s3, {"name": "FOO", "value": "0"}])
     assert value(job, "FOO") == "1"
     assert value(job, "AWS_REGION") == "eu-west-1"
-    assert value(job, "MASTER_ADDR") == "sentiment-minilm-1-0.sentiment-minilm-svc"
+    assert value(job, "MASTER_ADDR") == "127.0.0.1"  # one node: no DNS needed
 
 
 def test_user_command_runs_under_torchrun_with_several_processes():

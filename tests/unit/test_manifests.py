@@ -22,9 +22,13 @@ PLURALS = sorted(k.plural for k in resources.ALL)
 
 # (apiGroup, resource, verb) the operator is allowed: exactly what kopf and the handlers call today (README, Install).
 # No Events: kopf 1.45 posts none by default (settings.posting.loggers is false) and no handler calls kopf.event().
-NAMESPACED_GRANTS = {("kiln.dev", plural, verb) for plural in PLURALS for verb in ("list", "watch", "patch")} | {
-    ("kiln.dev", f"{plural}/status", "patch") for plural in PLURALS
-}
+NAMESPACED_GRANTS = (
+    {("kiln.dev", plural, verb) for plural in PLURALS for verb in ("list", "watch", "patch", "delete")}
+    | {("kiln.dev", f"{plural}/status", "patch") for plural in PLURALS}
+    | {("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")}
+    | {("", "services", verb) for verb in ("get", "create", "delete")}
+    | {("", "pods", "list"), ("", "pods", "watch"), ("", "pods/log", "get"), ("", "events", "create")}
+)
 CLUSTER_SCOPED_GRANTS = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),

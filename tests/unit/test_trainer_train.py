@@ -87,6 +87,29 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_state(tmp_path: Path, di
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_resume_from_uri_starts_a_new_job_from_another_jobs_checkpoint(tmp_path: Path, digits: str) -> None:
+    args = [*COMMON, "--dataset-uri", digits, "--max-steps", "40", "--checkpoint-every-steps", "20"]
+    first = tmp_path / "first-ck"
+    code, _, log = run_trainer(
+        tmp_path, *args, "--checkpoint-uri", f"file://{first}", "--output-uri", f"file://{tmp_path}/a"
+    )
+    assert code == ExitCode.SUCCEEDED, log
+    # A new job (empty checkpoint location) told to start from the first job's step 20 ends where that job ended.
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"resume": {"fromUri": f"file://{first}/step-00000020"}}))
+    second = [*args, "--spec", str(spec), "--checkpoint-uri", f"file://{tmp_path}/second-ck"]
+    code, _, log = run_trainer(tmp_path, *second, "--output-uri", f"file://{tmp_path}/b")
+    assert code == ExitCode.SUCCEEDED, log
+    assert f"resumed from file://{first}/step-00000020 (step 20)" in log
+    ref, got = load_weights(tmp_path / "a"), load_weights(tmp_path / "b")
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6, msg=name)
+    spec.write_text(json.dumps({"resume": {"fromUri": f"file://{first}/step-00000020", "from": "x"}}))
+    code, message, _ = run_trainer(tmp_path, *second)
+    assert code == ExitCode.USER_ERROR
+    assert "resume: unknown field(s) from" in message["message"]
+
+
 def test_sigterm_writes_a_final_checkpoint_and_exits_preempted(tmp_path: Path, digits: str) -> None:
     ck = tmp_path / "ck"
     args = [*COMMON, "--dataset-uri", digits, "--max-steps", "1000000", "--checkpoint-uri", f"file://{ck}"]

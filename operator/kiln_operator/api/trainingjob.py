@@ -87,7 +87,21 @@ RUN_POLICY = obj(
             maximum=86400,
             default=1800,
         ),
-        "ttlSecondsAfterFinished": integer("Delete the finished TrainingJob after this long (unset: keep).", minimum=0),
+        "onProgressDeadline": string(
+            "What a missed progress deadline does: Restart (a new attempt, from the infrastructure budget) or Fail.",
+            enum=["Restart", "Fail"],
+            default="Restart",
+        ),
+        "childrenTtlSecondsAfterFinished": integer(
+            "Delete the finished job's Jobs, pods and Service after this long (their outcome, failure and log tail "
+            "stay in status; the artifact and checkpoints are never deleted).",
+            minimum=0,
+            maximum=2592000,
+            default=3600,
+        ),
+        "ttlSecondsAfterFinished": integer(
+            "Delete the finished TrainingJob itself after this long (unset: keep). The artifact stays.", minimum=0
+        ),
     },
     default={},
 )

@@ -27,6 +27,12 @@ COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-ind
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TJ_LABEL = "kiln.dev/trainingjob"
 ATTEMPT_LABEL = "kiln.dev/attempt"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+# On each Job: the bookkeeping of all attempts so far (lifecycle.trainingjob.Ledger), so the children are the
+# source of truth and an operator restarted at any line recomputes the same status.
+LEDGER_ANNOTATION = "kiln.dev/ledger"
+# On a Job the operator suspended for spec.suspend (not Kueue): only those does it ever unsuspend.
+SUSPENDED_BY_KILN = "kiln.dev/suspended-by-kiln"
 # The spec fields the trainer reads from KILN_TRAINING_SPEC; it rejects any other top-level field.
 TRAINER_FIELDS = ("model", "dataset", "output", "hyperparameters", "checkpoint", "resume")
 # (field, read-only) of every URI the trainer may open; a pvc:// one needs its claim mounted.
@@ -96,6 +102,22 @@ def _get(spec: Mapping[str, Any], path: str) -> Any:
     for key in path.split("."):
         node = node.get(key) if isinstance(node, Mapping) else None
     return node
+
+
+def resolve_locations(body: Mapping[str, Any], artifact_root: str | None) -> Obj:
+    """The spec with output.uri and checkpoint.uri filled in: output defaults to
+    ``<artifact_root>/<namespace>/<name>-<uid[:8]>/model`` (when the operator has a store), checkpoints to
+    ``<output>-checkpoints``, so every attempt of this TrainingJob (and nothing else) resumes from there."""
+    meta, spec = body["metadata"], copy.deepcopy(dict(body["spec"]))
+    output = (spec.get("output") or {}).get("uri")
+    if not output and artifact_root:
+        output = f"{artifact_root.rstrip('/')}/{meta['namespace']}/{meta['name']}-{str(meta.get('uid', ''))[:8]}/model"
+        spec["output"] = {**(spec.get("output") or {}), "uri": output}
+    checkpoint = dict(spec.get("checkpoint") or {})
+    if not checkpoint.get("uri") and output:
+        checkpoint["uri"] = f"{output.rstrip('/')}-checkpoints"
+        spec["checkpoint"] = checkpoint
+    return spec
 
 
 def processes_per_node(spec: Mapping[str, Any]) -> int:
@@ -218,20 +240,24 @@ def indexed_job(
     *,
     image_default: str | None = None,
     artifact_env: Sequence[Mapping[str, Any]] = (),
+    suspend: bool | None = None,
+    annotations: Mapping[str, str] | None = None,
 ) -> Obj:
     """The batch/v1 Indexed Job of one attempt: one pod per node, completion index = node rank.
 
     ``artifact_env`` is the operator's store configuration for the pod (e.g. ``kiln_artifacts.k8s.s3_env(secret)``
     and ``hf_env(secret)``); spec.env may override it, but not the env Kiln owns. ``image_default`` is used when
     the spec names no image. backoffLimit 0: one failed pod fails the attempt and the operator replaces the whole
-    group; no activeDeadlineSeconds: deadlines span attempts, so the operator enforces them."""
+    group; no activeDeadlineSeconds: deadlines span attempts, so the operator enforces them. ``suspend`` defaults
+    to spec.suspend (or a queue name: Kueue unsuspends); ``annotations`` go on the Job (the ledger)."""
     meta, spec = body["metadata"], body["spec"]
     tj, namespace = meta["name"], meta["namespace"]
     image = spec.get("image") or image_default
     if not image:
         raise ValueError("spec.image is empty and no default image is configured")
     name, nodes, nproc = job_name(tj, attempt), int(spec.get("nodes") or 1), processes_per_node(spec)
-    master = f"{name}-0.{service_name(tj)}"  # index 0's stable DNS name, through the headless Service
+    # Index 0's stable DNS name through the headless Service; one node needs no DNS (and no Service lookup).
+    master = f"{name}-0.{service_name(tj)}" if nodes > 1 else "127.0.0.1"
     scheduling = spec.get("scheduling") or {}
     gpus = (spec.get("resources") or {}).get("gpus") or 0
 
@@ -315,17 +341,24 @@ def indexed_job(
     queue = scheduling.get("queueName")
     if queue:
         job_labels[QUEUE_LABEL] = queue
+    job_annotations = dict(annotations or {})
+    if spec.get("suspend"):
+        job_annotations[SUSPENDED_BY_KILN] = "true"
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "namespace": namespace, "labels": job_labels},
+        "metadata": {"name": name, "namespace": namespace, "labels": job_labels, "annotations": job_annotations},
         "spec": {
             "completionMode": "Indexed",
             "completions": nodes,
             "parallelism": nodes,
             "backoffLimit": 0,
+            # The Job's Failed condition then names the disruption even after the evicted pod is gone.
+            "podFailurePolicy": {
+                "rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+            },
             # Kueue admits a queued Job by flipping suspend; spec.suspend holds it as well.
-            "suspend": bool(queue) or bool(spec.get("suspend")),
+            "suspend": (bool(queue) or bool(spec.get("suspend"))) if suspend is None else suspend,
             "template": {"metadata": pod_meta, "spec": pod_spec},
         },
     }

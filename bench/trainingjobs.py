@@ -1,0 +1,320 @@
+"""TrainingJob controller at scale, against the real local control plane (kwok nodes), in one run:
+
+    .venv/bin/python bench/trainingjobs.py --jobs 1000 --churn-seconds 600
+
+1. raw limit: the same number of batch/v1 Jobs (the builder's, one pod each) created directly with one async
+   client (the same concurrency) -> Jobs/s;
+2. the operator (a subprocess, logged in as its ServiceAccount): N TrainingJobs created in a burst; from watch
+   events, per job: create -> Job created, create -> Running in status; total time to converge; Jobs/s as a
+   ratio of the raw limit; operator RSS with N live jobs; API requests per reconcile (operator metrics);
+3. churn: delete and create jobs in a loop for --churn-seconds with N live; RSS growth from after the warm-up.
+
+Uses KILN_TEST_KUBECONFIG when set, else starts its own cluster (hack/cluster.sh) and deletes it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests")]
+
+import yaml  # noqa: E402
+from harness import Cluster, bin_dir, free_port, service_account_kubeconfig  # noqa: E402
+
+from kiln_operator.builders import trainingjob as b  # noqa: E402
+from kiln_operator.kube import Client  # noqa: E402
+
+RUN_FOREVER = {"kwok.kiln.dev/run-for": "86400s"}
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def tj_body(name: str, ns: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "image": "kiln/trainer:bench",
+            "dataset": {"uri": "file:///data/digits"},
+            "podTemplate": {"metadata": {"annotations": RUN_FOREVER}},
+        },
+    }
+
+
+def bench_nodes(count: int) -> str:
+    docs = []
+    for i in range(count):
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": f"kiln-bench-{i}",
+                    "annotations": {"kwok.x-k8s.io/node": "fake"},
+                    "labels": {"type": "kwok", "kubernetes.io/hostname": f"kiln-bench-{i}"},
+                },
+                "spec": {},
+                "status": {
+                    "allocatable": {"cpu": "1000", "memory": "4Ti", "pods": "250"},
+                    "capacity": {"cpu": "1000", "memory": "4Ti", "pods": "250"},
+                },
+            }
+        )
+    return yaml.safe_dump_all(docs)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def scrape(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(("kiln_api_requests_total{", "kiln_reconciles_total{")):
+                key, value = line.rsplit(" ", 1)
+                out[key] = float(value)
+    return out
+
+
+async def create_all(client: Client, objs: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+    sem = asyncio.Semaphore(concurrency)
+    done: dict[str, float] = {}
+
+    async def one(obj: dict[str, Any]) -> None:
+        async with sem:
+            await client.create_or_get(obj)
+            done[obj["metadata"]["name"]] = time.monotonic()
+
+    await asyncio.gather(*(one(o) for o in objs))
+    return done
+
+
+async def watch(api: Any, kind: str, ns: str, seen: dict[str, float], running: dict[str, float] | None) -> None:
+    while True:
+        try:
+            async for event_type, obj in api.async_watch(kind, namespace=ns):
+                name = obj.name
+                if event_type in ("ADDED", "MODIFIED"):
+                    seen.setdefault(name, time.monotonic())
+                    if running is not None and (obj.raw.get("status") or {}).get("phase") == "Running":
+                        running.setdefault(name, time.monotonic())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the watch times out server-side: reopen it
+            say(f"watch {kind} reopened ({type(e).__name__})")
+
+
+async def wait_count(what: str, d: dict[str, float], n: int, limit: float) -> None:
+    start, last = time.monotonic(), -1
+    while len(d) < n:
+        if time.monotonic() - start > limit:
+            raise SystemExit(f"timed out: {what}: {len(d)}/{n}")
+        if len(d) // 100 != last // 100:
+            say(f"{what}: {len(d)}/{n}")
+            last = len(d)
+        await asyncio.sleep(0.2)  # progress polling of a local dict, not a wait for cluster state
+
+
+async def run(args: argparse.Namespace, cluster: Cluster, sa_kubeconfig: Path) -> None:
+    import kr8s.asyncio
+
+    client = Client(await kr8s.asyncio.api(kubeconfig=cluster.kubeconfig))
+    api = await kr8s.asyncio.api(kubeconfig=cluster.kubeconfig)
+    n, c = args.jobs, args.concurrency
+
+    # ---- 1. raw limit
+    cluster.kubectl("create", "namespace", "bench-raw", check=False)
+    raw_jobs = []
+    for i in range(n):
+        body = tj_body(f"raw-{i:04d}", "bench-raw") | {
+            "metadata": {"name": f"raw-{i:04d}", "namespace": "bench-raw", "uid": "x"}
+        }
+        raw_jobs.append(b.indexed_job(body, 1))
+    say(f"raw: creating {n} Jobs with one async client, concurrency {c}")
+    t0 = time.monotonic()
+    await create_all(client, raw_jobs, c)
+    raw_seconds = time.monotonic() - t0
+    raw_rate = n / raw_seconds
+    say(f"raw: {n} Jobs in {raw_seconds:.1f}s = {raw_rate:.1f} Jobs/s; deleting them")
+    cluster.kubectl("delete", "namespace", "bench-raw", "--wait=true", "--timeout=600s")
+
+    # ---- 2. the operator
+    ns = "bench-op"
+    cluster.kubectl("create", "namespace", ns, check=False)
+    metrics_port = free_port()
+    log = open(args.log, "wb")  # noqa: SIM115, ASYNC230 - lives as long as the operator; setup, not hot path
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(sa_kubeconfig),
+        "KILN_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
+        "PYTHONPATH": str(REPO / "operator"),
+    }
+    op = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
+        [sys.executable, "-m", "kiln_operator", "--namespace", ns], env=env, stdout=log, stderr=log
+    )
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            scrape(metrics_url)
+            break
+        except OSError:
+            if time.monotonic() > deadline or op.poll() is not None:
+                raise SystemExit("operator did not start; see " + args.log) from None
+            await asyncio.sleep(0.2)
+    say(f"operator pid {op.pid} up, RSS {rss_mb(op.pid):.0f} MB idle")
+    job_seen: dict[str, float] = {}
+    tj_seen: dict[str, float] = {}
+    running: dict[str, float] = {}
+    watchers = [
+        asyncio.create_task(watch(api, "jobs", ns, job_seen, None)),
+        asyncio.create_task(watch(api, "trainingjobs", ns, tj_seen, running)),
+    ]
+    try:
+        await asyncio.sleep(1)  # let the watches open before the burst
+        bodies = [tj_body(f"tj-{i:04d}", ns) for i in range(n)]
+        say(f"operator: creating {n} TrainingJobs, concurrency {c}")
+        t0 = time.monotonic()
+        created = await create_all(client, bodies, c)
+        create_seconds = time.monotonic() - t0
+        await wait_count("Jobs created", job_seen, n, args.timeout)
+        t_jobs = max(job_seen.values())
+        await wait_count("Running in status", running, n, args.timeout)
+        t_running = max(running.values())
+        to_job = [job_seen[b.job_name(name, 1)] - created[name] for name in created]
+        to_running = [running[name] - created[name] for name in created]
+        op_rate = n / (t_jobs - t0)
+        rss_live = rss_mb(op.pid)
+        m = scrape(metrics_url)
+        requests = sum(v for k, v in m.items() if k.startswith("kiln_api_requests_total"))
+        passes = sum(v for k, v in m.items() if k.startswith("kiln_reconciles_total") and 'kind="TrainingJob"' in k)
+        print(
+            json.dumps(
+                {
+                    "jobs": n,
+                    "concurrency": c,
+                    "raw_jobs_per_s": round(raw_rate, 1),
+                    "tj_create_burst_s": round(create_seconds, 1),
+                    "operator_jobs_per_s": round(op_rate, 1),
+                    "operator_vs_raw": round(op_rate / raw_rate, 3),
+                    "create_to_job_p50_s": round(statistics.median(to_job), 3),
+                    "create_to_job_p99_s": round(pct(to_job, 99), 3),
+                    "create_to_running_p50_s": round(statistics.median(to_running), 3),
+                    "create_to_running_p99_s": round(pct(to_running, 99), 3),
+                    "converge_s": round(t_running - t0, 1),
+                    "operator_rss_mb_at_n_live": round(rss_live, 1),
+                    "api_requests": requests,
+                    "reconcile_passes": passes,
+                    "api_requests_per_reconcile": round(requests / max(passes, 1), 2),
+                    "api_requests_per_job": round(requests / n, 2),
+                },
+                indent=1,
+            ),
+            flush=True,
+        )
+
+        # ---- 3. churn
+        if args.churn_seconds > 0:
+            say(f"churn: delete + create {args.churn_batch} jobs at a time for {args.churn_seconds}s, {n} live")
+            live = sorted(created)
+            serial = n
+            samples: list[tuple[float, float]] = []
+            start = time.monotonic()
+            while time.monotonic() - start < args.churn_seconds:
+                old, live = live[: args.churn_batch], live[args.churn_batch :]
+                for name in old:
+                    await client.delete("kiln.dev/v1alpha1", "TrainingJob", ns, name)
+                fresh = [tj_body(f"tj-{serial + i:04d}", ns) for i in range(args.churn_batch)]
+                serial += args.churn_batch
+                await create_all(client, fresh, c)
+                live += [f["metadata"]["name"] for f in fresh]
+                samples.append((time.monotonic() - start, rss_mb(op.pid)))
+                if len(samples) % 10 == 0:
+                    say(f"churn t={samples[-1][0]:.0f}s RSS {samples[-1][1]:.1f} MB, {serial} created in total")
+            warm = [r for t, r in samples if t >= min(60.0, args.churn_seconds / 4)]
+            base = statistics.median(warm[: max(1, len(warm) // 10)])
+            end = statistics.median(warm[-max(1, len(warm) // 10) :])
+            print(
+                json.dumps(
+                    {
+                        "churn_seconds": args.churn_seconds,
+                        "trainingjobs_created": serial,
+                        "rss_mb_after_warmup": round(base, 1),
+                        "rss_mb_at_end": round(end, 1),
+                        "rss_growth_pct": round(100 * (end - base) / base, 2),
+                        "rss_mb_max": round(max(r for _, r in samples), 1),
+                    },
+                    indent=1,
+                ),
+                flush=True,
+            )
+    finally:
+        for w in watchers:
+            w.cancel()
+        op.terminate()
+        op.wait(timeout=60)
+        log.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=1000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--churn-seconds", type=float, default=600)
+    p.add_argument("--churn-batch", type=int, default=50)
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "kiln-bench-operator.log"))
+    args = p.parse_args()
+    given = os.environ.get("KILN_TEST_KUBECONFIG")
+    workdir = tempfile.mkdtemp(prefix="kiln-bench-")
+    env = {**os.environ, "KWOK_WORKDIR": workdir, "KILN_CLUSTER_NAME": "kiln-bench"}
+    if given:
+        kubeconfig = given
+    else:
+        say("starting the local control plane (hack/cluster.sh up)")
+        up = subprocess.run(
+            [str(REPO / "hack/cluster.sh"), "up"], env=env, stdout=subprocess.PIPE, text=True, check=True
+        )
+        kubeconfig = up.stdout.strip().splitlines()[-1]
+    try:
+        os.environ["KUBECONFIG"] = kubeconfig
+        cluster = Cluster(kubeconfig, bin_dir())
+        cluster.kubectl("apply", "-f", str(REPO / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(REPO / "crds"))
+        rendered = yaml.safe_load_all(cluster.kubectl("kustomize", str(REPO / "manifests")).stdout)
+        kinds = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+        cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([d for d in rendered if d and d["kind"] in kinds]))
+        cluster.kubectl("apply", "-f", "-", stdin=bench_nodes(max(1, args.jobs // 200 + 1)))
+        sa = service_account_kubeconfig(cluster, Path(workdir) / "operator-kubeconfig.yaml")
+        asyncio.run(run(args, cluster, sa))
+    finally:
+        if not given:
+            subprocess.run([str(REPO / "hack/cluster.sh"), "down"], env=env, check=False)
+
+
+if __name__ == "__main__":
+    main()
