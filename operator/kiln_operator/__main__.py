@@ -14,7 +14,11 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     scope.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable, globs ok)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
-    p.add_argument("--metrics", default=DEFAULT_METRICS_ADDRESS, help="Prometheus endpoint HOST:PORT")
+    p.add_argument(
+        "--metrics",
+        default=os.environ.get(METRICS_ADDRESS_ENV) or DEFAULT_METRICS_ADDRESS,
+        help=f"Prometheus endpoint HOST:PORT (default: ${METRICS_ADDRESS_ENV} or {DEFAULT_METRICS_ADDRESS})",
+    )
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
     a = p.parse_args(argv)

@@ -38,6 +38,10 @@ _PATHS: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
+class NamespaceTerminating(Exception):
+    """The namespace is being deleted: nothing can be created in it, and its objects go away with it."""
+
+
 class Client:
     """A thin layer over kr8s' low-level ``call_api``: plain dicts in and out, no object model."""
 
@@ -69,6 +73,8 @@ class Client:
         try:
             return (await self._call("POST", url, plural, content=json.dumps(obj))).json()
         except (httpx.HTTPStatusError, ServerError) as e:
+            if _code(e) == 403 and "being terminated" in str(getattr(e, "response", None) and e.response.text):
+                raise NamespaceTerminating(meta["namespace"]) from None
             if _code(e) != 409:
                 raise
         url, plural = self._path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])

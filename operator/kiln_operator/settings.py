@@ -33,6 +33,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     # Server-side filtering: the operator caches only the Jobs and pods it made, not every pod in the cluster.
     settings.watching.label_selectors["batch", "v1", "jobs"] = "app.kubernetes.io/managed-by=kiln-operator"
     settings.watching.label_selectors["", "v1", "pods"] = "app.kubernetes.io/managed-by=kiln-operator"
+    # One INFO line per handler call and per HTTP request is noise (and CPU) at thousands of objects; errors and
+    # warnings still show, and --verbose/--debug turn the rest back on.
+    if logger.getEffectiveLevel() >= logging.INFO:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     # Events are the user-facing record of transitions; name them as ours.
     settings.posting.reporting_component = "kiln-operator"
     settings.posting.reporting_instance = os.environ.get("POD_NAME", socket.gethostname())

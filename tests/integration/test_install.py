@@ -80,16 +80,25 @@ ALLOWED = [
     ("list", "customresourcedefinitions.apiextensions.k8s.io"),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
     ("watch", "namespaces"),
+    ("delete", "trainingjobs.kiln.dev", "-n", "default"),  # runPolicy.ttlSecondsAfterFinished
+    ("create", "jobs.batch", "-n", "default"),
+    ("delete", "jobs.batch", "-n", "default"),
+    ("patch", "jobs.batch", "-n", "default"),
+    ("create", "services", "-n", "default"),
+    ("get", "pods", "--subresource=log", "-n", "default"),
+    ("create", "events", "-n", "default"),
 ]
 DENIED = [
     ("get", "secrets", "-n", "kiln-system"),
     ("list", "secrets", "--all-namespaces"),
     ("delete", "pods", "-n", "default"),
     ("create", "pods", "-n", "default"),
-    ("delete", "trainingjobs.kiln.dev", "-n", "default"),
     ("update", "trainingjobs.kiln.dev", "-n", "default"),
+    ("update", "jobs.batch", "-n", "default"),
+    ("patch", "services", "-n", "default"),
+    ("create", "pods", "--subresource=exec", "-n", "default"),
+    ("create", "deployments.apps", "-n", "default"),
     ("create", "trainingjobs.kiln.dev", "-n", "default"),
-    ("create", "events", "-n", "default"),  # kopf posts none today (settings.posting.loggers is false)
     ("patch", "events", "-n", "default"),
     ("create", "customresourcedefinitions.apiextensions.k8s.io"),
     ("delete", "namespaces"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import OPERATOR_KUBECONFIG_ENV, REPO, Cluster, Operator
+from harness import OPERATOR_KUBECONFIG_ENV, REPO, Cluster, Operator, free_port
 from waiting import wait_for
 
 DIGEST = "sha256:" + "5e" * 32
@@ -32,8 +32,11 @@ def trainingjob(name: str, **spec) -> dict:
         "metadata": {"name": name},
         "spec": {"image": "kiln/trainer:test", "dataset": {"uri": "file:///data/digits"}, **spec},
     }
+    # kwok honours the grace period: with the trainer's 300 s, pods deleted by a test would hold their GPUs for
+    # 5 minutes and starve the next test's pods.
+    body["spec"]["podTemplate"] = {"spec": {"terminationGracePeriodSeconds": 1}}
     if annotations:
-        body["spec"]["podTemplate"] = {"metadata": {"annotations": annotations}}
+        body["spec"]["podTemplate"]["metadata"] = {"annotations": annotations}
     return body
 
 
@@ -399,10 +402,10 @@ def start_operator_process(namespace: str, log: Path) -> subprocess.Popen:
     env = {
         **os.environ,
         "KUBECONFIG": os.environ[OPERATOR_KUBECONFIG_ENV],
-        "KILN_METRICS_ADDRESS": "127.0.0.1:0",
         "PYTHONPATH": str(REPO / "operator"),
     }
-    cmd = [sys.executable, "-m", "kiln_operator", "--namespace", namespace]
+    liveness = f"--liveness=http://127.0.0.1:{free_port()}/healthz"
+    cmd = [sys.executable, "-m", "kiln_operator", "--namespace", namespace, "--metrics=127.0.0.1:0", liveness]
     return subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -14,6 +14,7 @@ from kiln_operator.api.schema import (
     rule,
     string,
     string_map,
+    timestamp,
 )
 
 PHASES = ["Pending", "Running", "AwaitingApproval", "Promoted", "Rejected", "Failed"]
@@ -358,11 +359,25 @@ STATUS = obj(
             },
         ),
         "sourceArtifact": common.artifact_ref("The source artifact that was compressed."),
+        "gatesPassed": boolean("Whether the candidate passed every gate."),
+        "history": array(
+            "Earlier compressions of this ModelCompression (one per source artifact), newest first.",
+            obj(
+                "One compression.",
+                {
+                    "sourceDigest": string("The source artifact's digest.", max_length=71),
+                    "candidateDigest": string("The candidate's digest.", max_length=71),
+                    "outcome": string("Its final phase.", max_length=32),
+                    "time": timestamp("When it was superseded."),
+                },
+            ),
+            max_items=20,
+        ),
         "candidate": common.artifact_ref("The artifact produced."),
         "promoted": obj(
             "The promoted artifact and its registry entry.",
             {
-                "uri": string("Registry location.", max_length=2048),
+                "uri": string("The promoted artifact (what a ModelDeployment following this serves).", max_length=2048),
                 "digest": string("Digest.", max_length=71),
                 "shortDigest": string("First 12 hex digits.", max_length=12),
                 "modelName": string("Registry name.", max_length=63),

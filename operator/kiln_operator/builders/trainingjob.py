@@ -125,10 +125,12 @@ def processes_per_node(spec: Mapping[str, Any]) -> int:
     return int(spec.get("processesPerNode") or (spec.get("resources") or {}).get("gpus") or 1)
 
 
-def _pvc_mounts(spec: Mapping[str, Any]) -> tuple[list[Obj], list[Obj], list[Obj]]:
+def pvc_mounts(
+    spec: Mapping[str, Any], fields: Sequence[tuple[str, bool]] = URI_FIELDS
+) -> tuple[list[Obj], list[Obj], list[Obj]]:
     """Volumes, mounts and env for the pvc:// URIs: each claim once, read-write if any use of it writes."""
     found: dict[str, Obj] = {}
-    for field, read_only in URI_FIELDS:
+    for field, read_only in fields:
         value = _get(spec, field)
         uri = value.get("uri") if isinstance(value, Mapping) else value
         if not uri or parse_uri(uri, field=f"spec.{field}").scheme != "pvc":
@@ -196,7 +198,7 @@ def _kiln_env(body: Mapping[str, Any], image: str, master: str, pvc_env: Sequenc
     return env + [dict(e) for e in pvc_env]  # KILN_PVC_ROOT: where the claims are mounted
 
 
-def _resources(spec: Mapping[str, Any]) -> Obj:
+def container_resources(spec: Mapping[str, Any]) -> Obj:
     res = spec.get("resources") or {}
     fixed = {k: res[k] for k in ("cpu", "memory") if res.get(k) is not None}
     out: Obj = {"requests": dict(fixed), "limits": dict(fixed)} if fixed else {}
@@ -261,13 +263,13 @@ def indexed_job(
     scheduling = spec.get("scheduling") or {}
     gpus = (spec.get("resources") or {}).get("gpus") or 0
 
-    pvc_volumes, pvc_mounts, pvc_env = _pvc_mounts(spec)
+    pvc_volumes, pvc_mounted, pvc_env = pvc_mounts(spec)
     volumes = [
         *pvc_volumes,
         {"name": "tmp", "emptyDir": {}},  # the root filesystem is read-only; HOME, TMPDIR and caches live here
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # DataLoader workers and NCCL need a large /dev/shm
     ]
-    mounts = [*pvc_mounts, {"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    mounts = [*pvc_mounted, {"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
     kiln_env = _kiln_env(body, image, master, pvc_env)
     kiln_names = {e["name"] for e in kiln_env}
     user_env = merge([copy.deepcopy(dict(e)) for e in artifact_env], copy.deepcopy(spec.get("env") or []))
@@ -281,7 +283,7 @@ def indexed_job(
         "command": command,
         "args": args,
         "env": [e for e in user_env if e["name"] not in kiln_names] + kiln_env,
-        "resources": _resources(spec),
+        "resources": container_resources(spec),
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
         # The trainer writes its JSON result there; a crash before that still leaves the log tail.

@@ -14,11 +14,12 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kiln_operator.builders import trainingjob as b
 from kiln_operator.conditions import Condition, set_condition
+from kiln_operator.lifecycle.plan import Plan
 
 Obj = dict[str, Any]
 
@@ -101,19 +102,6 @@ class Failure:
         if self.log_tail:
             out["logTail"] = self.log_tail[-16384:]
         return out
-
-
-@dataclass
-class Plan:
-    status: Obj
-    create: list[Obj] = field(default_factory=list)  # built children (not yet adopted)
-    delete_jobs: list[str] = field(default_factory=list)
-    delete_service: bool = False
-    delete_self: bool = False
-    patch_job: tuple[str, Obj] | None = None  # (job name, merge patch)
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
-    requeue_after: float | None = None  # seconds until a deadline or TTL needs a look
-    want_log_tail: str | None = None  # pod whose log tail the handler should fetch into status.failure
 
 
 @dataclass(frozen=True)
@@ -628,7 +616,9 @@ def _finished(tj: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], plan: Pl
     The artifact is never touched."""
     spec, old = tj.get("spec") or {}, tj.get("status") or {}
     policy = spec.get("runPolicy") or {}
-    plan.status["conditions"] = old.get("conditions") or []
+    # The verdict holds for any later generation (a finished job does not re-run): say it was looked at.
+    generation = plan.status.get("observedGeneration")
+    plan.status["conditions"] = [{**c, "observedGeneration": generation} for c in old.get("conditions") or []]
     done = parse_time(old.get("completionTime")) or now
     child_ttl = int(policy.get("childrenTtlSecondsAfterFinished", DEFAULT_CHILD_TTL))
     pending = []

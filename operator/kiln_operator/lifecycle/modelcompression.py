@@ -1,0 +1,354 @@
+"""The ModelCompression state machine: source -> compressor Job -> report -> gates -> promotion. Pure.
+
+``decide(mc, source_tj, jobs, pods, now, config)`` returns a Plan; the handler resolves nothing itself except the
+promotion (``plan.promote``: a registry write it records into status.promoted).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kiln_operator.builders import modelcompression as b
+from kiln_operator.conditions import Condition, set_condition
+from kiln_operator.lifecycle.plan import Plan
+from kiln_operator.lifecycle.trainingjob import _job_condition_true, _message_json, _terminated, classify, fmt_time
+
+Obj = dict[str, Any]
+MAX_INFRA_ATTEMPTS = 3
+HISTORY = 20
+GATE_REASONS = {
+    "maxAccuracyDrop": "AccuracyDropTooLarge",
+    "minAgreement": "AgreementTooLow",
+    "maxP95LatencyMs": "LatencyTooHigh",
+    "minSpeedup": "SpeedupTooSmall",
+    "maxSizeBytes": "ArtifactTooLarge",
+    "placement": "CPUFallback",  # a GPU candidate with heavy nodes left on the CPU provider
+}
+REPORT_KEYS = (
+    "source",
+    "candidate",
+    "sizeRatio",
+    "speedup",
+    "p95Ms",
+    "accuracyDrop",
+    "agreement",
+    "maxLogitDiff",
+    "nodesByProvider",
+    "cpuFallbackNodes",
+    "recipe",
+    "gates",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    image_default: str | None = None
+    artifact_root: str | None = None
+    registry_root: str | None = None
+    artifact_env: tuple[Obj, ...] = ()
+
+
+def output_uri(mc: Mapping[str, Any], key: str, config: Config) -> str | None:
+    if not config.artifact_root:
+        return None
+    meta = mc["metadata"]
+    return f"{config.artifact_root.rstrip('/')}/{meta['namespace']}/{meta['name']}-{str(meta.get('uid', ''))[:8]}/{key}"
+
+
+def resolve_source(spec: Mapping[str, Any], tj: Mapping[str, Any] | None) -> tuple[Obj | None, str, str]:
+    """(source {uri, digest} or None, condition reason, message)."""
+    src = spec.get("source") or {}
+    pin = src.get("digest")
+    if src.get("uri"):
+        found: Obj = {"uri": src["uri"], "digest": pin}
+    else:
+        ref = (src.get("trainingJobRef") or {}).get("name")
+        if tj is None:
+            return None, "SourceNotFound", f"TrainingJob {ref} does not exist (yet)"
+        status = tj.get("status") or {}
+        if status.get("phase") == "Failed":
+            failure = status.get("failure") or {}
+            return None, "SourceFailed", f"TrainingJob {ref} failed: {failure.get('message', 'no message')}"
+        artifact = status.get("artifact") or {}
+        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "ModelReady"), {})
+        if ready.get("status") != "True" or not artifact.get("uri"):
+            return None, "SourceNotReady", f"waiting for TrainingJob {ref} (phase {status.get('phase', 'unknown')})"
+        found = {"uri": artifact["uri"], "digest": artifact.get("digest")}
+    if pin and found.get("digest") and found["digest"] != pin:
+        return None, "SourceDigestMismatch", f"source digest {found['digest']} is not the pinned {pin}"
+    return found, "SourceReady", f"{found['uri']} ({found.get('digest') or 'digest unknown'})"
+
+
+def _attempt(job: Mapping[str, Any]) -> int:
+    try:
+        return int(job["metadata"].get("labels", {}).get(b.ATTEMPT_LABEL, 0))
+    except ValueError:
+        return 0
+
+
+def decide(
+    mc: Mapping[str, Any],
+    source_tj: Mapping[str, Any] | None,
+    jobs: Sequence[Mapping[str, Any]],
+    pods: Sequence[Mapping[str, Any]],
+    now: float,
+    config: Config = Config(),
+) -> Plan:
+    meta, spec = mc["metadata"], mc.get("spec") or {}
+    old: Obj = dict(mc.get("status") or {})
+    status: Obj = {k: v for k, v in old.items() if k != "conditions"}
+    status["observedGeneration"] = meta.get("generation")
+    plan = Plan(status=status)
+    conds: list[Condition] = []
+
+    source, reason, message = resolve_source(spec, source_tj)
+    if source is None:
+        stalled = reason in ("SourceFailed", "SourceDigestMismatch")
+        conds += [
+            Condition("SourceReady", "False", reason, message),
+            Condition("Ready", "False", reason, message),
+            Condition("Reconciling", "False" if stalled else "True", reason, message),
+            Condition("Stalled", "True" if stalled else "False", reason, message),
+        ]
+        status["phase"] = "Failed" if stalled else "Pending"
+        return _finish(plan, old, conds)
+    conds.append(Condition("SourceReady", "True", "SourceReady", message))
+    key = b.source_key(source["uri"], source.get("digest"))
+    previous = old.get("sourceArtifact") or {}
+    if previous and (previous.get("uri"), previous.get("digest")) != (source["uri"], source.get("digest")):
+        # A new source artifact (the TrainingJob re-ran): remember the last run, compress again.
+        entry = {
+            "sourceDigest": previous.get("digest") or "",
+            "candidateDigest": (old.get("candidate") or {}).get("digest") or "",
+            "outcome": old.get("phase") or "",
+            "time": fmt_time(now),
+        }
+        status["history"] = ([entry, *list(old.get("history") or [])])[:HISTORY]
+        for stale in ("report", "candidate", "failure"):
+            status.pop(stale, None)
+        plan.events.append(("Normal", "NewSource", f"new source artifact {source['uri']}: compressing again"))
+    status["sourceArtifact"] = {
+        k: v
+        for k, v in (
+            ("uri", source["uri"]),
+            ("digest", source.get("digest")),
+            ("shortDigest", (source.get("digest") or "")[7:19] or None),
+        )
+        if v
+    }
+    mine = [j for j in jobs if j["metadata"].get("labels", {}).get(b.SOURCE_LABEL) == key]
+    plan.delete_jobs = [
+        j["metadata"]["name"] for j in jobs if j not in mine and not j["metadata"].get("deletionTimestamp")
+    ]
+    current = max(mine, key=_attempt, default=None)
+    out = output_uri(mc, key, config)
+    if out is None:
+        msg = "the operator has no artifact store (KILN_ARTIFACT_ROOT) to publish the candidate to"
+        conds += [
+            Condition("Ready", "False", "NoArtifactStore", msg),
+            Condition("Stalled", "True", "NoArtifactStore", msg),
+        ]
+        status["phase"] = "Failed"
+        return _finish(plan, old, conds)
+
+    if current is None:
+        if old.get("phase") in ("Promoted", "Rejected", "AwaitingApproval") and "candidate" in status:
+            return _outcome(plan, old, conds, spec, meta, status, config)  # Jobs gone (TTL); the result stands
+        plan.create = [
+            b.compressor_job(mc, source, 1, out, image_default=config.image_default, artifact_env=config.artifact_env)
+        ]
+        return _running(plan, old, conds, status, "Compressing", f"compressing {source['uri']} (attempt 1)")
+
+    attempt = _attempt(current)
+    cpods = [p for p in pods if p["metadata"].get("labels", {}).get(b.ATTEMPT_LABEL) == str(attempt)
+             and p["metadata"].get("labels", {}).get(b.SOURCE_LABEL) == key]  # fmt: skip
+    done = [p for p in cpods if (p.get("status") or {}).get("phase") == "Succeeded"]
+    if _job_condition_true(current, "Complete") or done:
+        report = _message_json(_terminated(done[0])) if done else None
+        if not report or not isinstance(report.get("artifact"), Mapping):
+            status["failure"] = {
+                "class": "Unknown",
+                "reason": "NoReport",
+                "message": "the compressor succeeded without a report in its termination message",
+                "time": fmt_time(now),
+            }
+            msg = status["failure"]["message"]
+            conds += [Condition("Compressed", "False", "NoReport", msg), Condition("Stalled", "True", "NoReport", msg)]
+            status["phase"] = "Failed"
+            return _finish(plan, old, conds)
+        artifact = report["artifact"]
+        digest = artifact.get("digest") or ""
+        summary = report.get("report") if isinstance(report.get("report"), Mapping) else {}
+        status["report"] = {k: summary[k] for k in REPORT_KEYS if k in summary}
+        status["candidate"] = {
+            "uri": artifact["uri"],
+            "digest": digest,
+            "shortDigest": digest[7:19],
+            "format": "onnx",
+            "metrics": {
+                k: float(v)
+                for k, v in (
+                    ("accuracyDrop", summary.get("accuracyDrop")),
+                    ("agreement", summary.get("agreement")),
+                    ("sizeRatio", summary.get("sizeRatio")),
+                    ("speedup", summary.get("speedup")),
+                    ("p95Ms", summary.get("p95Ms")),
+                )
+                if isinstance(v, int | float)
+            },
+        }
+        status["gatesPassed"] = bool(report.get("gatesPassed"))
+        status.pop("failure", None)
+        return _outcome(plan, old, conds, spec, meta, status, config)
+
+    failed = _job_condition_true(current, "Failed") or any(
+        (p.get("status") or {}).get("phase") == "Failed" for p in cpods
+    )
+    if failed:
+        failure = classify(current, cpods, spec)
+        report = next((_message_json(_terminated(p)) for p in cpods if _message_json(_terminated(p))), None) or {}
+        cls = "ParityCheck" if report.get("reason") == "ParityCheck" else failure.cls
+        retry = cls == "Preemption" or (cls == "Infrastructure" and attempt < MAX_INFRA_ATTEMPTS)
+        if retry and attempt < 99:
+            plan.create = [
+                b.compressor_job(
+                    mc, source, attempt + 1, out, image_default=config.image_default, artifact_env=config.artifact_env
+                )
+            ]
+            plan.delete_jobs = sorted({*plan.delete_jobs, current["metadata"]["name"]})
+            msg = f"attempt {attempt} failed ({cls}: {failure.message}); retrying as attempt {attempt + 1}"
+            plan.events.append(("Warning", "Retrying", msg[:1024]))
+            return _running(plan, old, conds, status, cls, msg)
+        status["failure"] = {
+            "class": cls if cls in ("UserError", "OutOfMemory", "Infrastructure", "ParityCheck") else "Unknown",
+            "reason": report.get("reason") or failure.reason,
+            "message": failure.message[:4096],
+            "time": fmt_time(now),
+            **({"exitCode": failure.exit_code} if failure.exit_code is not None else {}),
+            **({"pod": failure.pod} if failure.pod else {}),
+            **({"logTail": failure.log_tail[-16384:]} if failure.log_tail else {}),
+        }
+        if failure.pod and not failure.log_tail:
+            plan.want_log_tail = failure.pod
+        msg = f"compression failed ({cls}): {failure.message}"
+        conds += [
+            Condition("Compressed", "False", cls, msg),
+            Condition("Ready", "False", cls, msg),
+            Condition("Reconciling", "False", cls, msg),
+            Condition("Stalled", "True", cls, msg),
+        ]
+        status["phase"] = "Failed"
+        if old.get("phase") != "Failed":
+            plan.events.append(("Warning", "Failed", msg[:1024]))
+        return _finish(plan, old, conds)
+    return _running(plan, old, conds, status, "Compressing", f"compressing {source['uri']} (attempt {attempt})")
+
+
+def _running(plan: Plan, old: Obj, conds: list[Condition], status: Obj, reason: str, msg: str) -> Plan:
+    conds += [
+        Condition("Compressed", "False", reason, msg),
+        Condition("Ready", "False", reason, msg),
+        Condition("Reconciling", "True", reason, msg),
+        Condition("Stalled", "False", reason, msg),
+    ]
+    status["phase"] = "Running"
+    if old.get("phase") != "Running":
+        plan.events.append(("Normal", "Compressing", msg[:1024]))
+    return _finish(plan, old, conds)
+
+
+def _gate_verdict(report: Mapping[str, Any]) -> tuple[str, str]:
+    failed = [g for g in report.get("gates") or [] if not g.get("passed")]
+    if not failed:
+        return "GatesPassed", "every gate passed"
+    first = failed[0]
+    reason = GATE_REASONS.get(first.get("name", ""), "GateFailed")
+    detail = "; ".join(f"{g.get('name')}: {g.get('message') or (g.get('value'), g.get('threshold'))}" for g in failed)
+    return reason, detail
+
+
+def _outcome(
+    plan: Plan,
+    old: Obj,
+    conds: list[Condition],
+    spec: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    status: Obj,
+    config: Config,
+) -> Plan:
+    candidate = status["candidate"]
+    report = status.get("report") or {}
+    conds.append(Condition("Compressed", "True", "Compressed", f"candidate {candidate['uri']} ({candidate['digest']})"))
+    if not status.get("gatesPassed"):
+        reason, detail = _gate_verdict(report)
+        conds += [
+            Condition("GatesPassed", "False", reason, detail),
+            Condition("Promoted", "False", reason, "rejected by the gates"),
+            Condition("Ready", "False", reason, detail),
+            Condition("Reconciling", "False", reason, detail),
+            Condition("Stalled", "True", reason, detail),
+        ]
+        status["phase"] = "Rejected"
+        if old.get("phase") != "Rejected":
+            plan.events.append(("Warning", reason, f"candidate rejected: {detail}"[:1024]))
+        return _finish(plan, old, conds)
+    conds.append(Condition("GatesPassed", "True", "GatesPassed", "every gate passed"))
+    promotion = spec.get("promotion") or {}
+    name = promotion.get("modelName") or meta["name"]
+    promoted = status.get("promoted") or {}
+    if promoted.get("digest") == candidate["digest"]:
+        msg = f"{name} version {promoted.get('version')} = {candidate['digest']}"
+        conds += [
+            Condition("Promoted", "True", "Promoted", msg),
+            Condition("Ready", "True", "Promoted", msg),
+            Condition("Reconciling", "False", "Promoted", msg),
+            Condition("Stalled", "False", "Promoted", msg),
+        ]
+        status["phase"] = "Promoted"
+        return _finish(plan, old, conds)
+    manual = promotion.get("policy") == "Manual"
+    if manual and promotion.get("approvedDigest") != candidate["digest"]:
+        how = (
+            f"approve with: kubectl patch modelcompression {meta['name']} --type=merge "
+            f'-p \'{{"spec":{{"promotion":{{"approvedDigest":"{candidate["digest"]}"}}}}}}\''
+        )
+        conds += [
+            Condition("Promoted", "False", "AwaitingApproval", how),
+            Condition("Ready", "False", "AwaitingApproval", how),
+            Condition("Reconciling", "False", "AwaitingApproval", how),
+            Condition("Stalled", "False", "AwaitingApproval", how),
+        ]
+        status["phase"] = "AwaitingApproval"
+        if old.get("phase") != "AwaitingApproval":
+            plan.events.append(("Normal", "AwaitingApproval", how[:1024]))
+        return _finish(plan, old, conds)
+    if not config.registry_root:
+        msg = "the operator has no registry (KILN_REGISTRY_ROOT or KILN_ARTIFACT_ROOT) to promote into"
+        conds += [Condition("Promoted", "False", "NoRegistry", msg), Condition("Stalled", "True", "NoRegistry", msg)]
+        return _finish(plan, old, conds)
+    # The handler records the version (plan.promote) and fills status.promoted before the status is written.
+    plan.promote = (candidate["uri"], name)
+    how = "approved" if manual else "automatic"
+    msg = f"{name} <- {candidate['digest']} ({how})"
+    conds += [
+        Condition("Promoted", "True", "Promoted", msg),
+        Condition("Ready", "True", "Promoted", msg),
+        Condition("Reconciling", "False", "Promoted", msg),
+        Condition("Stalled", "False", "Promoted", msg),
+    ]
+    status["phase"] = "Promoted"
+    plan.events.append(("Normal", "Promoted", msg))
+    return _finish(plan, old, conds)
+
+
+def _finish(plan: Plan, old: Mapping[str, Any], conds: list[Condition]) -> Plan:
+    generation = plan.status.get("observedGeneration")
+    stamp = fmt_time(time.time())
+    conditions: list[Obj] = list(old.get("conditions") or [])
+    for c in conds:
+        conditions = set_condition(conditions, c, generation, stamp)
+    plan.status["conditions"] = conditions
+    return plan
