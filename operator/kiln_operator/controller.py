@@ -6,6 +6,7 @@ handed in by the event handlers (kopf gives indexes only to handlers)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -61,10 +62,12 @@ class Controller:
         self.jobs: Any = {}  # kopf.Index of this kind's Jobs, set by the first handler call
         self.pods: Any = {}
         self.objects: dict[Key, dict[str, Any]] = {}
+        self.written: dict[Key, str] = {}  # resourceVersion of our own last status write, per object
         # Jobs we created or deleted that the watch has not shown yet: name -> (trimmed Job or None, when).
         self.recent: dict[Key, dict[str, tuple[dict[str, Any] | None, float]]] = {}
         self.queue = WorkQueue(self.reconcile, workers=int(os.environ.get("KILN_WORKERS") or 32))
         self._pass = metrics.instrumented(self.kind.kind)(self._reconcile)
+        self._posting: set[asyncio.Task[None]] = set()
 
     async def plan(self, key: Key, body: dict[str, Any], jobs: list[dict[str, Any]], pods: list[Any]) -> Plan:
         raise NotImplementedError
@@ -74,6 +77,7 @@ class Controller:
 
     def forget(self, key: Key) -> None:
         self.objects.pop(key, None)
+        self.written.pop(key, None)
         self.recent.pop(key, None)
         self.queue.forget(key)
 
@@ -88,9 +92,16 @@ class Controller:
             self.objects[key] = snapshot
         return key
 
+    def echo(self, body: kopf.Body | dict[str, Any]) -> bool:
+        """Whether this event is only our own status write coming back (nothing new to look at)."""
+        meta = body["metadata"]
+        return self.written.get((meta["namespace"], meta["name"])) == meta.get("resourceVersion")
+
     def children(self, key: Key) -> list[dict[str, Any]]:
         """The indexed Jobs, plus what this process created or deleted that the watch has not reported yet."""
-        jobs = [json.loads(json.dumps(j)) for j in self.jobs.get(key, [])]
+        # Index values are our own fresh snapshots (trim), replaced, never edited, on every event: share them,
+        # and copy only the ones marked below.
+        jobs = list(self.jobs.get(key, []))
         names = {j["metadata"]["name"] for j in jobs}
         recent = self.recent.get(key, {})
         now = time.monotonic()
@@ -99,11 +110,11 @@ class Controller:
             if seen or now - when > 60:
                 del recent[name]
             elif obj is not None:
-                jobs.append(json.loads(json.dumps(obj)))
-        for job in jobs:
+                jobs.append(obj)
+        for i, job in enumerate(jobs):
             entry = recent.get(job["metadata"]["name"])
-            if entry is not None and entry[0] is None:
-                job["metadata"]["deletionTimestamp"] = job["metadata"].get("deletionTimestamp") or "deleting"
+            if entry is not None and entry[0] is None and not job["metadata"].get("deletionTimestamp"):
+                jobs[i] = {**job, "metadata": {**job["metadata"], "deletionTimestamp": "deleting"}}
         return jobs
 
     async def reconcile(self, key: Key) -> float | None:
@@ -113,7 +124,7 @@ class Controller:
         body = self.objects.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
-        pods = [json.loads(json.dumps(p)) for p in self.pods.get(key, [])]
+        pods = list(self.pods.get(key, []))  # snapshots, never edited (the state machines only read them)
         plan = await self.plan(key, body, self.children(key), pods)
         try:
             await self.apply(key, body, plan)
@@ -155,8 +166,12 @@ class Controller:
             )
             if updated is not None:
                 self.observe(updated, "MODIFIED")
+                self.written[key] = updated["metadata"].get("resourceVersion", "")
         for type_, reason, message in plan.events:
-            await self.event(body, type_, reason, message)
+            # Posted beside the pass, not in it: an Event is a record for people, not part of converging.
+            task = asyncio.create_task(self.event(body, type_, reason, message))
+            self._posting.add(task)
+            task.add_done_callback(self._posting.discard)
         if plan.delete_self:
             await self.client.delete(self.kind.api_version, self.kind.kind, namespace, name)
 
@@ -194,3 +209,5 @@ class Controller:
 
     async def stop(self) -> None:
         await self.queue.stop()
+        await asyncio.gather(*self._posting, return_exceptions=True)
+        await self.client.close()

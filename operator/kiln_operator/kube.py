@@ -1,5 +1,6 @@
 """The operator's own API calls (kopf only watches and patches the objects it handles): create-or-get children,
-merge-patch, delete, read a log tail. One kr8s async client; every request is counted by verb and resource."""
+merge-patch, delete, read a log tail. Plain dicts in and out over one aiohttp session (what kopf itself uses),
+logged in with the same credentials as kopf; every request is counted by verb and resource."""
 
 from __future__ import annotations
 
@@ -8,18 +9,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-import kr8s.asyncio
-from kr8s import ServerError
+import aiohttp
+import kopf
 from prometheus_client import Counter
 
 Obj = dict[str, Any]
-
-
-def _code(e: Exception) -> int | None:
-    response = getattr(e, "response", None)
-    return response.status_code if response is not None else None
-
 
 REQUESTS = Counter(
     "kiln_api_requests_total", "API requests the controllers made, by verb and resource.", ["verb", "resource"]
@@ -38,27 +32,70 @@ _PATHS: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
+class ApiError(Exception):
+    def __init__(self, status: int, method: str, url: str, text: str) -> None:
+        super().__init__(f"{method} {url}: {status}: {text[:2000]}")
+        self.status, self.text = status, text
+
+
 class NamespaceTerminating(Exception):
     """The namespace is being deleted: nothing can be created in it, and its objects go away with it."""
 
 
-class Client:
-    """A thin layer over kr8s' low-level ``call_api``: plain dicts in and out, no object model."""
+def login(settings: kopf.OperatorSettings | None = None) -> kopf.ConnectionInfo:
+    """kopf's login (settings.login): an explicit KUBECONFIG or ~/.kube/config, else the pod's ServiceAccount."""
+    settings = settings or kopf.OperatorSettings()
+    if os.environ.get("KUBECONFIG") or os.path.exists(os.path.expanduser("~/.kube/config")):
+        info = kopf.login_with_kubeconfig(settings=settings)
+    else:
+        info = kopf.login_with_service_account(settings=settings)
+    if info is None:
+        raise RuntimeError("no Kubernetes credentials: neither a kubeconfig nor a ServiceAccount token")
+    return info
 
-    def __init__(self, api: Any) -> None:
-        self._api = api
+
+class Client:
+    def __init__(self, info: kopf.ConnectionInfo, timeout: float = 30) -> None:
+        self._info = info
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
 
     @classmethod
     async def connect(cls) -> Client:
-        # The same credentials kopf logs in with: an explicit KUBECONFIG, else the pod's ServiceAccount.
-        return cls(await kr8s.asyncio.api(kubeconfig=os.environ.get("KUBECONFIG") or None))
+        return cls(login())
 
-    async def _call(self, method: str, url: str, plural: str, **kwargs: Any) -> httpx.Response:
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                base_url=self._info.server,
+                connector=aiohttp.TCPConnector(limit=64, ssl=self._info.as_ssl_context()),
+                headers={**self._info.as_http_headers(), "User-Agent": "kiln-operator"},
+                timeout=self._timeout,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _call(
+        self, method: str, url: str, plural: str, *, body: Any = None, content_type: str = "application/json", **kw: Any
+    ) -> tuple[int, str]:
         REQUESTS.labels(method.lower(), plural).inc()
-        # kr8s joins base, version and url with "/": split our absolute path into its first segment and the rest.
-        base, _, rest = url.lstrip("/").partition("/")
-        async with self._api.call_api(method, version="", base=f"/{base}", url=rest, **kwargs) as response:
-            return response
+        data = json.dumps(body) if body is not None else None
+        headers = {"Content-Type": content_type} if data is not None else {}
+        for attempt in (1, 2):
+            async with self._open().request(method, url, data=data, headers=headers, **kw) as response:
+                text = await response.text()
+                if response.status == 401 and attempt == 1:
+                    # A rotated ServiceAccount token: log in again, as kopf does, and retry once.
+                    await self.close()
+                    self._info = login()
+                    continue
+                if response.status >= 400:
+                    raise ApiError(response.status, method, url, text)
+                return response.status, text
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _path(api_version: str, kind: str, namespace: str, name: str | None = None) -> tuple[str, str]:
@@ -71,14 +108,14 @@ class Client:
         meta = obj["metadata"]
         url, plural = self._path(obj["apiVersion"], obj["kind"], meta["namespace"])
         try:
-            return (await self._call("POST", url, plural, content=json.dumps(obj))).json()
-        except (httpx.HTTPStatusError, ServerError) as e:
-            if _code(e) == 403 and "being terminated" in str(getattr(e, "response", None) and e.response.text):
+            return json.loads((await self._call("POST", url, plural, body=obj))[1])
+        except ApiError as e:
+            if e.status == 403 and "being terminated" in e.text:
                 raise NamespaceTerminating(meta["namespace"]) from None
-            if _code(e) != 409:
+            if e.status != 409:
                 raise
         url, plural = self._path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
-        return (await self._call("GET", url, plural)).json()
+        return json.loads((await self._call("GET", url, plural))[1])
 
     async def patch(
         self,
@@ -95,27 +132,21 @@ class Client:
         if subresource:
             url, plural = f"{url}/{subresource}", f"{plural}/{subresource}"
         try:
-            response = await self._call(
-                "PATCH",
-                url,
-                plural,
-                content=json.dumps(body),
-                headers={"Content-Type": "application/merge-patch+json"},
-            )
-        except (httpx.HTTPStatusError, ServerError) as e:
-            if _code(e) == 404:
+            _, text = await self._call("PATCH", url, plural, body=body, content_type="application/merge-patch+json")
+        except ApiError as e:
+            if e.status == 404:
                 return None
             raise
-        return response.json()
+        return json.loads(text)
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         """Delete with background propagation (the GC removes pods); False when it was already gone."""
         url, plural = self._path(api_version, kind, namespace, name)
         options = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         try:
-            await self._call("DELETE", url, plural, content=json.dumps(options))
-        except (httpx.HTTPStatusError, ServerError) as e:
-            if _code(e) == 404:
+            await self._call("DELETE", url, plural, body=options)
+        except ApiError as e:
+            if e.status == 404:
                 return False
             raise
         return True
@@ -124,9 +155,9 @@ class Client:
         """The last lines of a container's log, or None when the kubelet cannot give them (node gone)."""
         url, _ = self._path("v1", "Pod", namespace, pod)
         try:
-            response = await self._call(
+            _, text = await self._call(
                 "GET", f"{url}/log", "pods/log", params={"container": container, "tailLines": str(lines)}
             )
-        except (httpx.HTTPStatusError, httpx.TransportError, ServerError):
+        except (ApiError, aiohttp.ClientError):
             return None
-        return response.text
+        return text

@@ -45,8 +45,12 @@ class WorkQueue:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def request(self, key: Key) -> None:
-        """Reconcile `key` soon; if a pass is running, one more pass follows it (with the newest state)."""
+    def request(self, key: Key, *, coalesce: float = 0.0) -> None:
+        """Reconcile `key` soon; if a pass is running, one more pass follows it (with the newest state).
+        ``coalesce`` waits that long first, so a burst of events (a Job's pods starting) makes one pass."""
+        if coalesce > 0 and key not in self._running:
+            self.at(key, coalesce)
+            return
         if key in self._running:
             self._dirty.add(key)
             return

@@ -71,17 +71,19 @@ def cond(status, type_):
 def test_a_new_trainingjob_gets_its_service_and_first_attempt():
     plan = life.decide(tj(), [], [], None, NOW)
     kinds = [(o["kind"], o["metadata"]["name"]) for o in plan.create]
-    assert kinds == [("Service", "run-svc"), ("Job", "run-1")]
+    assert kinds == [("Job", "run-1")]  # one node: no Service (MASTER_ADDR is 127.0.0.1)
+    multi = life.decide(tj(nodes=2), [], [], None, NOW)
+    assert [(o["kind"], o["metadata"]["name"]) for o in multi.create] == [("Service", "run-svc"), ("Job", "run-1")]
     assert plan.status["phase"] == "Pending"
     assert plan.status["attempt"] == 1
     assert plan.status["observedGeneration"] == 3
     assert cond(plan.status, "Reconciling")["status"] == "True"
-    assert json.loads(plan.create[1]["metadata"]["annotations"][b.LEDGER_ANNOTATION]) == {}
+    assert json.loads(plan.create[-1]["metadata"]["annotations"][b.LEDGER_ANNOTATION]) == {}
 
 
 def test_the_default_locations_come_from_the_artifact_root():
     plan = life.decide(tj(), [], [], None, NOW, life.Config(artifact_root="s3://kiln/models"))
-    env = {e["name"]: e.get("value") for e in plan.create[1]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in plan.create[-1]["spec"]["template"]["spec"]["containers"][0]["env"]}
     spec = json.loads(env["KILN_TRAINING_SPEC"])
     assert spec["output"]["uri"] == "s3://kiln/models/team/run-01234567/model"
     assert spec["checkpoint"]["uri"] == "s3://kiln/models/team/run-01234567/model-checkpoints"
@@ -141,7 +143,7 @@ def test_a_failed_rank_replaces_the_whole_group_and_passes_the_resume_point():
     assert plan.status["failure"]["class"] == "Infrastructure"
     assert "rendezvous timed out" in plan.status["failure"]["message"]
     assert plan.delete_jobs == ["run-1"]
-    new = plan.create[1]
+    new = plan.create[-1]
     assert new["metadata"]["name"] == "run-2"
     assert new["metadata"]["annotations"]["kiln.dev/resume-from"] == "s3://c/run/step-00000100"
     ledger = life.Ledger.load(new["metadata"]["annotations"][b.LEDGER_ANNOTATION])

@@ -39,12 +39,12 @@ def config_from_env(env: dict[str, str] | None = None) -> life.Config:
 
 
 @kopf.index("batch", "v1", "jobs", **CHILD)
-def mc_jobs(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]]:
+async def mc_jobs(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace, labels[b.MC_LABEL]): trim(body)}
 
 
 @kopf.index("", "v1", "pods", **CHILD)
-def mc_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]]:
+async def mc_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace, labels[b.MC_LABEL]): trim(body)}
 
 
@@ -113,8 +113,9 @@ async def modelcompression_event(
     body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, mc_jobs: kopf.Index, mc_pods: kopf.Index, **_: Any
 ) -> None:
     controller = _controller(memo, mc_jobs, mc_pods)
+    echo = controller.echo(body)
     key = controller.observe(body, event.get("type"))
-    if event.get("type") != "DELETED":
+    if event.get("type") != "DELETED" and not echo:
         controller.queue.request(key)
 
 
@@ -133,7 +134,7 @@ async def source_event(
 async def child_event(
     namespace: str, labels: kopf.Labels, memo: kopf.Memo, mc_jobs: kopf.Index, mc_pods: kopf.Index, **_: Any
 ) -> None:
-    _controller(memo, mc_jobs, mc_pods).queue.request((namespace, labels[b.MC_LABEL]))
+    _controller(memo, mc_jobs, mc_pods).queue.request((namespace, labels[b.MC_LABEL]), coalesce=0.2)
 
 
 @kopf.on.cleanup()

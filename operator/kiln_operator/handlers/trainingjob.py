@@ -30,6 +30,8 @@ Key = tuple[str, str]
 log = logging.getLogger("kiln.trainingjob")
 CHILD = {"labels": {b.TJ_LABEL: kopf.PRESENT}}
 PROGRESS_MARK = "kiln-progress "
+# A Job's pods change several times in a second when they start (created, scheduled, running): one pass for all.
+CHILD_COALESCE_SECONDS = 0.2
 
 
 def config_from_env(env: dict[str, str] | None = None) -> life.Config:
@@ -46,12 +48,12 @@ def config_from_env(env: dict[str, str] | None = None) -> life.Config:
 
 
 @kopf.index("batch", "v1", "jobs", **CHILD)
-def tj_jobs(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]]:
+async def tj_jobs(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace, labels[b.TJ_LABEL]): trim(body, suspend=True)}
 
 
 @kopf.index("", "v1", "pods", **CHILD)
-def tj_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]]:
+async def tj_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]]:
     pod = trim(body)
     pod["metadata"].pop("labels", None)
     pod["metadata"]["labels"] = {k: v for k, v in labels.items() if k in (b.TJ_LABEL, b.ATTEMPT_LABEL)}
@@ -162,8 +164,9 @@ async def trainingjob_event(
     body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, tj_jobs: kopf.Index, tj_pods: kopf.Index, **_: Any
 ) -> None:
     controller = _controller(memo, tj_jobs, tj_pods)
+    echo = controller.echo(body)
     key = controller.observe(body, event.get("type"))
-    if event.get("type") != "DELETED":
+    if event.get("type") != "DELETED" and not echo:
         controller.queue.request(key)
 
 
@@ -173,7 +176,7 @@ async def child_event(
     namespace: str, labels: kopf.Labels, memo: kopf.Memo, tj_jobs: kopf.Index, tj_pods: kopf.Index, **_: Any
 ) -> None:
     controller = _controller(memo, tj_jobs, tj_pods)
-    controller.queue.request((namespace, labels[b.TJ_LABEL]))
+    controller.queue.request((namespace, labels[b.TJ_LABEL]), coalesce=CHILD_COALESCE_SECONDS)
 
 
 @kopf.on.cleanup()

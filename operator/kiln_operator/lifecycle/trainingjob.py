@@ -346,11 +346,10 @@ def decide(
             failure = Failure("Infrastructure", "JobDeleted", f"the Job of attempt {attempt} disappeared")
             return _replace(tj, plan, attempt, prior, failure, None, [], now, config)
         attempt = 1
-        plan.create = [b.headless_service(tj), build_attempt(tj, attempt, ledger, config)]
+        plan.create = [*_service(tj), build_attempt(tj, attempt, ledger, config)]
         status.update(attempt=attempt, jobName=b.job_name(meta["name"], attempt), phase="Pending")
         status.setdefault("restarts", {"infrastructure": 0, "user": 0})
         status.setdefault("preemptions", 0)
-        plan.events.append(("Normal", "Created", f"attempt 1: created Job {status['jobName']}"))
         _set_conditions(plan, old, "Pending", "Creating", "creating the first attempt", None)
         return plan
 
@@ -483,6 +482,11 @@ def decide(
     return plan
 
 
+def _service(tj: Mapping[str, Any]) -> list[Obj]:
+    """The headless Service gives ranks each other's DNS names; one node needs none (MASTER_ADDR is localhost)."""
+    return [b.headless_service(tj)] if int((tj.get("spec") or {}).get("nodes") or 1) > 1 else []
+
+
 def _deleting(obj: Mapping[str, Any]) -> bool:
     return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
 
@@ -553,7 +557,7 @@ def _replace(
     job = build_attempt(tj, new_attempt, nxt, config)
     if resume:
         job["metadata"]["annotations"]["kiln.dev/resume-from"] = resume
-    plan.create = [b.headless_service(tj), job]
+    plan.create = [*_service(tj), job]
     if current is not None:
         plan.delete_jobs = sorted({*plan.delete_jobs, current["metadata"]["name"]})
     plan.status.update(
