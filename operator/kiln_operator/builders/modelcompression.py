@@ -12,7 +12,7 @@ from typing import Any
 from kiln_artifacts.k8s import pvc_volume
 from kiln_artifacts.uri import parse_uri
 
-from kiln_operator.builders.trainingjob import GPU, NONROOT, container_resources, merge
+from kiln_operator.builders.trainingjob import CONTAINER_SECURITY, GPU, POD_SECURITY, container_resources, merge
 
 Obj = dict[str, Any]
 CONTAINER = "compressor"
@@ -123,24 +123,13 @@ def compressor_job(
         "resources": container_resources(spec),
         "volumeMounts": [*mounts, {"name": "tmp", "mountPath": "/tmp"}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
     scheduling = spec.get("scheduling") or {}
     pod_spec: Obj = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": NONROOT,
-            "runAsGroup": NONROOT,
-            "fsGroup": NONROOT,
-            "fsGroupChangePolicy": "OnRootMismatch",
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],
         "volumes": [*volumes, {"name": "tmp", "emptyDir": {}}],
     }

@@ -40,6 +40,21 @@ URI_FIELDS = (("model", True), ("dataset", True), ("resume.fromUri", True), ("ou
 MAX_ATTEMPT = 999_999_999  # 48 (name) + "-" + 9 digits + "-1023" (pod index) = 63, a DNS label
 NONROOT = 65532  # the images' USER
 
+# The hardening every workload pod gets (restricted Pod Security Standard); the images run as NONROOT.
+CONTAINER_SECURITY: Obj = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+POD_SECURITY: Obj = {
+    "runAsNonRoot": True,
+    "runAsUser": NONROOT,
+    "runAsGroup": NONROOT,
+    "fsGroup": NONROOT,  # PVCs are writable by the workload
+    "fsGroupChangePolicy": "OnRootMismatch",  # no recursive chown of a large data set on every start
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -288,11 +303,7 @@ def indexed_job(
         "volumeMounts": mounts,
         # The trainer writes its JSON result there; a crash before that still leaves the log tail.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
     tolerations = copy.deepcopy(list(scheduling.get("tolerations") or []))
     gpu_toleration = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
@@ -304,14 +315,7 @@ def indexed_job(
         "enableServiceLinks": False,  # no env var per Service in the namespace (it can be thousands)
         # The trainer checkpoints on SIGTERM: one step plus one checkpoint write must fit (README, Trainer).
         "terminationGracePeriodSeconds": 300,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": NONROOT,
-            "runAsGroup": NONROOT,
-            "fsGroup": NONROOT,  # PVCs are writable by the trainer
-            "fsGroupChangePolicy": "OnRootMismatch",  # no recursive chown of a large data set on every start
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],
         "volumes": volumes,
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kiln_operator.builders import modelcompression as b
@@ -109,9 +109,7 @@ def decide(
         stalled = reason in ("SourceFailed", "SourceDigestMismatch")
         conds += [
             Condition("SourceReady", "False", reason, message),
-            Condition("Ready", "False", reason, message),
-            Condition("Reconciling", "False" if stalled else "True", reason, message),
-            Condition("Stalled", "True" if stalled else "False", reason, message),
+            *_summary(reason, message, reconciling=not stalled, stalled=stalled),
         ]
         status["phase"] = "Failed" if stalled else "Pending"
         return _finish(plan, old, conds)
@@ -147,10 +145,7 @@ def decide(
     out = output_uri(mc, key, config)
     if out is None:
         msg = "the operator has no artifact store (KILN_ARTIFACT_ROOT) to publish the candidate to"
-        conds += [
-            Condition("Ready", "False", "NoArtifactStore", msg),
-            Condition("Stalled", "True", "NoArtifactStore", msg),
-        ]
+        conds += _summary("NoArtifactStore", msg, stalled=True)
         status["phase"] = "Failed"
         return _finish(plan, old, conds)
 
@@ -176,7 +171,7 @@ def decide(
                 "time": fmt_time(now),
             }
             msg = status["failure"]["message"]
-            conds += [Condition("Compressed", "False", "NoReport", msg), Condition("Stalled", "True", "NoReport", msg)]
+            conds += [Condition("Compressed", "False", "NoReport", msg), *_summary("NoReport", msg, stalled=True)]
             status["phase"] = "Failed"
             return _finish(plan, old, conds)
         artifact = report["artifact"]
@@ -222,23 +217,14 @@ def decide(
             msg = f"attempt {attempt} failed ({cls}: {failure.message}); retrying as attempt {attempt + 1}"
             plan.events.append(("Warning", "Retrying", msg[:1024]))
             return _running(plan, old, conds, status, cls, msg)
-        status["failure"] = {
-            "class": cls if cls in ("UserError", "OutOfMemory", "Infrastructure", "ParityCheck") else "Unknown",
-            "reason": report.get("reason") or failure.reason,
-            "message": failure.message[:4096],
-            "time": fmt_time(now),
-            **({"exitCode": failure.exit_code} if failure.exit_code is not None else {}),
-            **({"pod": failure.pod} if failure.pod else {}),
-            **({"logTail": failure.log_tail[-16384:]} if failure.log_tail else {}),
-        }
+        known = cls if cls in ("UserError", "OutOfMemory", "Infrastructure", "ParityCheck") else "Unknown"
+        status["failure"] = replace(failure, cls=known, reason=report.get("reason") or failure.reason).to_status(now)
         if failure.pod and not failure.log_tail:
             plan.want_log_tail = failure.pod
         msg = f"compression failed ({cls}): {failure.message}"
         conds += [
             Condition("Compressed", "False", cls, msg),
-            Condition("Ready", "False", cls, msg),
-            Condition("Reconciling", "False", cls, msg),
-            Condition("Stalled", "True", cls, msg),
+            *_summary(cls, msg, stalled=True),
         ]
         status["phase"] = "Failed"
         if old.get("phase") != "Failed":
@@ -247,12 +233,25 @@ def decide(
     return _running(plan, old, conds, status, "Compressing", f"compressing {source['uri']} (attempt {attempt})")
 
 
+def _summary(
+    reason: str, msg: str, *, ready: bool = False, reconciling: bool = False, stalled: bool = False
+) -> list[Condition]:
+    """Ready / Reconciling / Stalled, the kstatus trio every outcome sets, with one reason and message."""
+
+    def flag(on: bool) -> Any:
+        return "True" if on else "False"
+
+    return [
+        Condition("Ready", flag(ready), reason, msg),
+        Condition("Reconciling", flag(reconciling), reason, msg),
+        Condition("Stalled", flag(stalled), reason, msg),
+    ]
+
+
 def _running(plan: Plan, old: Obj, conds: list[Condition], status: Obj, reason: str, msg: str) -> Plan:
     conds += [
         Condition("Compressed", "False", reason, msg),
-        Condition("Ready", "False", reason, msg),
-        Condition("Reconciling", "True", reason, msg),
-        Condition("Stalled", "False", reason, msg),
+        *_summary(reason, msg, reconciling=True),
     ]
     status["phase"] = "Running"
     if old.get("phase") != "Running":
@@ -287,9 +286,7 @@ def _outcome(
         conds += [
             Condition("GatesPassed", "False", reason, detail),
             Condition("Promoted", "False", reason, "rejected by the gates"),
-            Condition("Ready", "False", reason, detail),
-            Condition("Reconciling", "False", reason, detail),
-            Condition("Stalled", "True", reason, detail),
+            *_summary(reason, detail, stalled=True),
         ]
         status["phase"] = "Rejected"
         if old.get("phase") != "Rejected":
@@ -303,9 +300,7 @@ def _outcome(
         msg = f"{name} version {promoted.get('version')} = {candidate['digest']}"
         conds += [
             Condition("Promoted", "True", "Promoted", msg),
-            Condition("Ready", "True", "Promoted", msg),
-            Condition("Reconciling", "False", "Promoted", msg),
-            Condition("Stalled", "False", "Promoted", msg),
+            *_summary("Promoted", msg, ready=True),
         ]
         status["phase"] = "Promoted"
         return _finish(plan, old, conds)
@@ -317,9 +312,7 @@ def _outcome(
         )
         conds += [
             Condition("Promoted", "False", "AwaitingApproval", how),
-            Condition("Ready", "False", "AwaitingApproval", how),
-            Condition("Reconciling", "False", "AwaitingApproval", how),
-            Condition("Stalled", "False", "AwaitingApproval", how),
+            *_summary("AwaitingApproval", how),
         ]
         status["phase"] = "AwaitingApproval"
         if old.get("phase") != "AwaitingApproval":
@@ -327,7 +320,8 @@ def _outcome(
         return _finish(plan, old, conds)
     if not config.registry_root:
         msg = "the operator has no registry (KILN_REGISTRY_ROOT or KILN_ARTIFACT_ROOT) to promote into"
-        conds += [Condition("Promoted", "False", "NoRegistry", msg), Condition("Stalled", "True", "NoRegistry", msg)]
+        conds += [Condition("Promoted", "False", "NoRegistry", msg), *_summary("NoRegistry", msg, stalled=True)]
+        status["phase"] = "Failed"
         return _finish(plan, old, conds)
     # The handler records the version (plan.promote) and fills status.promoted before the status is written.
     plan.promote = (candidate["uri"], name)
@@ -335,9 +329,7 @@ def _outcome(
     msg = f"{name} <- {candidate['digest']} ({how})"
     conds += [
         Condition("Promoted", "True", "Promoted", msg),
-        Condition("Ready", "True", "Promoted", msg),
-        Condition("Reconciling", "False", "Promoted", msg),
-        Condition("Stalled", "False", "Promoted", msg),
+        *_summary("Promoted", msg, ready=True),
     ]
     status["phase"] = "Promoted"
     plan.events.append(("Normal", "Promoted", msg))
