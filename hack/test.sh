@@ -8,6 +8,7 @@ hack/venv.sh
 echo "[test] ruff" >&2
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
 hack/build-control-plane.sh
+hack/prometheus.sh  # a real Prometheus for the canary analysis tests (they skip without it, except under CI)
 # Real labelled images for the artifact tests, from Debian (they skip without it, except under CI).
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then

@@ -26,6 +26,9 @@ _PATHS: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "Pod"): ("/api/v1", "pods"),
     ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
     ("v1", "Event"): ("/api/v1", "events"),
+    ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
+    ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     ("kiln.dev/v1alpha1", "TrainingJob"): ("/apis/kiln.dev/v1alpha1", "trainingjobs"),
     ("kiln.dev/v1alpha1", "ModelCompression"): ("/apis/kiln.dev/v1alpha1", "modelcompressions"),
     ("kiln.dev/v1alpha1", "ModelDeployment"): ("/apis/kiln.dev/v1alpha1", "modeldeployments"),
@@ -116,6 +119,26 @@ class Client:
                 raise
         url, plural = self._path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
         return json.loads((await self._call("GET", url, plural))[1])
+
+    async def apply(self, obj: Mapping[str, Any]) -> Obj:
+        """Server-side apply as the operator's field manager, forced: creates or updates in one idempotent call,
+        and fields we applied before but no longer send are removed."""
+        meta = obj["metadata"]
+        url, plural = self._path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        try:
+            _, text = await self._call(
+                "PATCH",
+                url,
+                plural,
+                body=obj,
+                content_type="application/apply-patch+yaml",
+                params={"fieldManager": "kiln-operator", "force": "true"},
+            )
+        except ApiError as e:
+            if e.status == 403 and "being terminated" in e.text:
+                raise NamespaceTerminating(meta["namespace"]) from None
+            raise
+        return json.loads(text)
 
     async def patch(
         self,

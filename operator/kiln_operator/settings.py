@@ -19,7 +19,7 @@ class ChildlessDiffBase(kopf.AnnotationsDiffBaseStorage):
     pure cost: about 10 % of the operator's CPU at 1,000 TrainingJobs (py-spy, bench/trainingjobs.py)."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
-        if body.get("kind") in ("Pod", "Job"):
+        if body.get("kind") in ("Pod", "Job", "Deployment"):
             return {}
         return super().build(body=body, extra_fields=extra_fields)
 
@@ -44,6 +44,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     # Server-side filtering: the operator caches only the Jobs and pods it made, not every pod in the cluster.
     settings.watching.label_selectors["batch", "v1", "jobs"] = "app.kubernetes.io/managed-by=kiln-operator"
     settings.watching.label_selectors["", "v1", "pods"] = "app.kubernetes.io/managed-by=kiln-operator"
+    settings.watching.label_selectors["apps", "v1", "deployments"] = "app.kubernetes.io/managed-by=kiln-operator"
     # One INFO line per handler call is noise (and CPU) at thousands of objects; errors and
     # warnings still show, and --verbose/--debug turn the rest back on.
     if logger.getEffectiveLevel() >= logging.INFO:

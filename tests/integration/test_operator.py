@@ -46,9 +46,11 @@ def test_operator_reconciles_samples_and_spec_changes(cluster: Cluster, namespac
     )
     (source,) = [c for c in status["conditions"] if c["type"] == "SourceReady"]
     assert (source["status"], source["reason"]) == ("False", "SourceNotReady")
+    # The ModelDeployment follows that compression: nothing promoted yet, so nothing to serve, and it says why.
     status = wait_for(lambda: reconciled(cluster, namespace, samples[2], 1), what=f"{samples[2]} observedGeneration=1")
     (ready,) = [c for c in status["conditions"] if c["type"] == "Ready"]
-    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("Unknown", "ControllerNotImplemented", 1)
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("False", "SourceNotReady", 1)
+    assert "sentiment-minilm-int8" in ready["message"]
     assert ready["lastTransitionTime"]
 
     # A spec change bumps metadata.generation; the operator catches up.
@@ -60,7 +62,7 @@ def test_operator_reconciles_samples_and_spec_changes(cluster: Cluster, namespac
     # `kubectl wait` understands the status (kstatus shape).
     out = cluster.kubectl("wait", "-n", namespace, samples[0], "--for=condition=Succeeded", "--timeout=10s")
     assert "condition met" in out.stdout
-    out = cluster.kubectl("wait", "-n", namespace, samples[2], "--for=condition=Ready=Unknown", "--timeout=10s")
+    out = cluster.kubectl("wait", "-n", namespace, samples[2], "--for=condition=Ready=False", "--timeout=10s")
     assert "condition met" in out.stdout
 
     metrics = operator.metrics()

@@ -26,7 +26,10 @@ NAMESPACED_GRANTS = (
     {("kiln.dev", plural, verb) for plural in PLURALS for verb in ("list", "watch", "patch", "delete")}
     | {("kiln.dev", f"{plural}/status", "patch") for plural in PLURALS}
     | {("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")}
-    | {("", "services", verb) for verb in ("get", "create", "delete")}
+    | {("", "services", verb) for verb in ("get", "create", "patch", "delete")}
+    | {("apps", "deployments", verb) for verb in ("list", "watch", "create", "patch", "delete")}
+    | {("policy", "poddisruptionbudgets", verb) for verb in ("create", "patch")}
+    | {("autoscaling", "horizontalpodautoscalers", verb) for verb in ("create", "patch", "delete")}
     | {("", "pods", "list"), ("", "pods", "watch"), ("", "pods/log", "get"), ("", "events", "create")}
 )
 CLUSTER_SCOPED_GRANTS = {

@@ -22,8 +22,9 @@ CANARY_STEP = obj(
     {
         "weight": integer("Percent of traffic on the candidate.", minimum=1, maximum=100),
         "pauseSeconds": integer(
-            "How long to hold this step while analysis runs (absent: hold until "
-            "status is promoted by a person, as with a bare Argo Rollouts pause).",
+            "How long to hold this step while analysis runs (absent: hold until a person approves it with "
+            "kubectl annotate md/<name> kiln.dev/approve=<candidate shortDigest>/<step index>, as with a bare "
+            "Argo Rollouts pause).",
             minimum=0,
             maximum=86400,
         ),
@@ -137,6 +138,16 @@ SPEC = obj(
                     },
                     default={},
                 ),
+                "progressDeadlineSeconds": integer(
+                    "A new revision whose pods are not all ready this long after it was created is rolled back.",
+                    minimum=30,
+                    maximum=86400,
+                    default=600,
+                ),
+                "retryDigest": common.digest(
+                    "Roll out this digest again although it was rolled back before (rolled-back digests are "
+                    "otherwise never retried); each new try needs a new spec generation."
+                ),
             },
             default={"strategy": "RollingUpdate"},
             rules=[
@@ -161,6 +172,11 @@ SPEC = obj(
     required=["source", "runtime"],
     rules=[
         rule(
+            "!has(self.autoscaling) || self.autoscaling.metric != 'CPU' || has(self.resources.cpu)",
+            "autoscaling on CPU needs resources.cpu (utilisation is measured against the request)",
+            field=".autoscaling.metric",
+        ),
+        rule(
             f"self.resources.gpus == 0 || self.runtime.executionProvider in {GPU_PROVIDERS}",
             "resources.gpus needs a GPU execution provider (a GPU count only with a GPU-capable runtime)",
             field=".resources.gpus",
@@ -181,6 +197,17 @@ REVISION = obj(
         "digest": string("Artifact digest.", max_length=71),
         "shortDigest": string("First 12 hex digits.", max_length=12),
         "deployment": string("The Deployment that serves it.", max_length=253),
+        "replicas": integer("Its pods.", minimum=0),
+        "readyReplicas": integer("Its ready pods.", minimum=0),
+    },
+)
+
+METRICS = obj(
+    "One revision's figures over the analysis window.",
+    {
+        "requests": number("Requests answered."),
+        "errorRate": number("5xx / all."),
+        "p95LatencyMs": number("p95 request latency."),
     },
 )
 
@@ -198,6 +225,32 @@ STATUS = obj(
         "canaryWeight": integer("Percent of traffic on the candidate.", minimum=0, maximum=100),
         "canaryStep": integer("Index of the current canary step.", minimum=0),
         "p95LatencyMs": number("Current revision's p95 latency, from the last analysis."),
+        "analysis": obj(
+            "The last canary analysis.",
+            {
+                "time": timestamp("When the metrics were read."),
+                "revision": integer("Candidate revision analysed.", minimum=1),
+                "step": integer("Canary step analysed.", minimum=0),
+                "windowSeconds": integer("Window the figures cover (since the step began).", minimum=0),
+                "candidate": METRICS,
+                "stable": METRICS,
+                "verdict": string("Pass, Fail, Wait or Unavailable.", enum=["Pass", "Fail", "Wait", "Unavailable"]),
+                "message": string("Why.", max_length=1024),
+            },
+        ),
+        "rejected": array(
+            "Digests rolled back: never rolled out again unless spec.rollout.retryDigest names one.",
+            obj(
+                "A rolled-back digest.",
+                {
+                    "digest": string("Artifact digest.", max_length=71),
+                    "reason": string("Why it was rolled back, with the numbers.", max_length=1024),
+                    "generation": integer("The spec generation it was rolled back under.", minimum=0),
+                    "time": timestamp("When."),
+                },
+            ),
+            max_items=20,
+        ),
         "history": array(
             "Past rollouts, newest last.",
             obj(

@@ -58,15 +58,19 @@ POD_SECURITY: Obj = {
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
-def _base(tj_name: str) -> str:
-    """A DNS-1035 label of at most 48 characters for a TrainingJob name (a DNS-1123 subdomain, at most 48).
+def dns_label(name: str, prefix: str) -> str:
+    """A DNS-1035 label of at most 48 characters for an object name (a DNS-1123 subdomain, at most 48).
 
     Service names and pod hostnames must be labels that start with a letter; names that are not get a readable
-    prefix and a hash suffix, so two TrainingJobs never share children (``a.b`` and ``a-b`` differ)."""
-    if _DNS1035.match(tj_name) and len(tj_name) <= 48:
-        return tj_name
-    safe = re.sub(r"[^a-z0-9-]", "-", tj_name.lower())[:36].strip("-")
-    return f"tj-{safe}-{hashlib.sha256(tj_name.encode()).hexdigest()[:8]}".replace("--", "-")
+    prefix and a hash suffix, so two objects never share children (``a.b`` and ``a-b`` differ)."""
+    if _DNS1035.match(name) and len(name) <= 48:
+        return name
+    safe = re.sub(r"[^a-z0-9-]", "-", name.lower())[:36].strip("-")
+    return f"{prefix}-{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}".replace("--", "-")
+
+
+def _base(tj_name: str) -> str:
+    return dns_label(tj_name, "tj")
 
 
 def job_name(tj_name: str, attempt: int) -> str:

@@ -20,3 +20,5 @@ class Plan:
     requeue_after: float | None = None  # seconds until a deadline or TTL needs a look
     want_log_tail: str | None = None  # pod whose log tail goes into status.failure.logTail
     promote: tuple[str, str] | None = None  # (artifact URI, registry model name): record status.promoted
+    apply: list[Obj] = field(default_factory=list)  # children server-side applied (adopted first), in order
+    delete: list[tuple[str, str, str]] = field(default_factory=list)  # (apiVersion, kind, name) of children

@@ -1,0 +1,352 @@
+"""ModelDeployment -> its children: a Deployment of the inference server per artifact revision, one Service in
+front of every revision in service (the traffic split follows the ready replicas), a PodDisruptionBudget and,
+with autoscaling, a HorizontalPodAutoscaler on the ModelDeployment's scale subresource. Pure; the handler adopts.
+
+A revision is an artifact: its key is the digest's first 10 hex digits (or the URI's hash when no digest is
+known), so the Deployment serving an artifact always has the same name and a restarted operator finds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kiln_artifacts.k8s import pvc_volume
+from kiln_artifacts.uri import parse_uri
+
+from kiln_operator.builders.trainingjob import (
+    CONTAINER_SECURITY,
+    GPU,
+    POD_SECURITY,
+    container_resources,
+    dns_label,
+    merge,
+)
+from kiln_operator.resources import MODEL_DEPLOYMENT
+
+Obj = dict[str, Any]
+CONTAINER = "server"
+HTTP_PORT = 8080
+METRICS_PORT = 9090
+MD_LABEL = "kiln.dev/modeldeployment"
+REVISION_LABEL = "kiln.dev/revision"
+# On each revision's Deployment, so the children carry the rollout state (an operator restarted at any line, or a
+# lost status write, recomputes the same): its number, artifact, role and canary progress.
+NUMBER_ANNOTATION = "kiln.dev/revision-number"
+URI_ANNOTATION = "kiln.dev/artifact-uri"
+DIGEST_ANNOTATION = "kiln.dev/artifact-digest"
+ROLE_ANNOTATION = "kiln.dev/role"  # stable | candidate
+STEP_ANNOTATION = "kiln.dev/canary-step"
+STEP_STARTED_ANNOTATION = "kiln.dev/step-started"  # epoch seconds the step's replicas were all ready
+CREATED_ANNOTATION = "kiln.dev/created"  # epoch seconds (progress deadline)
+TEMPLATE_ANNOTATION = "kiln.dev/template-hash"  # what the pod template was built from (drift -> patch)
+PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+# Pods metric names the custom metrics API serves (Prometheus Adapter rules in the README) per autoscaling.metric.
+POD_METRICS = {
+    "InFlightRequests": "kiln_server_inflight_requests",
+    "QueueTimeMs": "kiln_server_queue_time_ms",
+    "P95LatencyMs": "kiln_server_p95_latency_ms",
+}
+
+
+def revision_key(uri: str, digest: str | None) -> str:
+    if digest:
+        return digest.split(":", 1)[1][:10]
+    return hashlib.sha256(uri.encode()).hexdigest()[:10]
+
+
+def base(md: str) -> str:
+    return dns_label(md, "md")
+
+
+def deployment_name(md: str, key: str) -> str:
+    return f"{base(md)}-{key}"
+
+
+def selector(md: str) -> dict[str, str]:
+    """Every serving pod of the ModelDeployment, all revisions: the Service's, the PDB's and the scale selector."""
+    return {MD_LABEL: base(md)}
+
+
+def labels(md: str, key: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "kiln-server",
+        "app.kubernetes.io/instance": md,
+        "app.kubernetes.io/component": "serving",
+        "app.kubernetes.io/part-of": "kiln",
+        "app.kubernetes.io/managed-by": "kiln-operator",
+        **selector(md),
+    }
+    if key is not None:
+        out[REVISION_LABEL] = key
+    return out
+
+
+def service_url(md: Mapping[str, Any]) -> str:
+    meta, spec = md["metadata"], md.get("spec") or {}
+    port = (spec.get("service") or {}).get("port") or HTTP_PORT
+    return f"http://{base(meta['name'])}.{meta['namespace']}.svc.cluster.local:{port}"
+
+
+def _threads(spec: Mapping[str, Any]) -> int:
+    """intraOpThreads 0 means one per CPU: the container's CPU request, not the node's cores ORT would see."""
+    runtime = spec.get("runtime") or {}
+    if runtime.get("intraOpThreads"):
+        return int(runtime["intraOpThreads"])
+    cpu = str((spec.get("resources") or {}).get("cpu") or "")
+    if not cpu:
+        return 0
+    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return max(1, math.ceil(cores))
+
+
+def _server_env(md: Mapping[str, Any], uri: str, digest: str | None) -> list[Obj]:
+    spec, meta = md.get("spec") or {}, md["metadata"]
+    runtime = spec.get("runtime") or {}
+    env = {
+        "KILN_MODEL_URI": uri,
+        "KILN_MODEL_NAME": meta["name"],
+        "KILN_SERVER_PORT": str(HTTP_PORT),
+        "KILN_SERVER_METRICS_PORT": str(METRICS_PORT),
+        "KILN_SERVER_PROVIDER": PROVIDERS[runtime.get("executionProvider") or "CPUExecutionProvider"],
+        "KILN_SERVER_MAX_BATCH_SIZE": str(runtime.get("maxBatchSize") or 32),
+        "KILN_SERVER_MAX_QUEUE_DELAY_MS": str(runtime.get("maxQueueDelayMs", 5)),
+        "KILN_SERVER_MAX_QUEUE_SIZE": str(runtime.get("maxQueueSize") or 256),
+        "KILN_SERVER_INTRA_OP_THREADS": str(_threads(spec)),
+        "KILN_SERVER_INTER_OP_THREADS": str(runtime.get("interOpThreads") or 1),
+    }
+    if digest:
+        env["KILN_MODEL_DIGEST"] = digest  # the server refuses to start on any other artifact
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def template_hash(md: Mapping[str, Any], image_default: str | None) -> str:
+    """What every revision's pod template is built from (the artifact aside): a spec change here rolls all."""
+    spec = md.get("spec") or {}
+    parts = {k: spec.get(k) for k in ("runtime", "resources", "scheduling", "podTemplate")}
+    parts["image"] = image_default
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def deployment(
+    md: Mapping[str, Any],
+    key: str,
+    *,
+    uri: str,
+    digest: str | None,
+    number: int,
+    role: str,
+    replicas: int,
+    created: float,
+    image_default: str | None = None,
+    artifact_env: Sequence[Mapping[str, Any]] = (),
+    annotations: Mapping[str, str] | None = None,
+) -> Obj:
+    """One revision: the server image serving ``uri`` (pinned to ``digest``), probes on the server's health
+    endpoints, restricted security, surge-first rolling updates (maxUnavailable 0)."""
+    meta, spec = md["metadata"], md.get("spec") or {}
+    runtime = spec.get("runtime") or {}
+    image = runtime.get("image") or image_default
+    if not image:
+        raise ValueError("spec.runtime.image is empty and no default image is configured")
+    name = meta["name"]
+    pvc_volumes, pvc_mounted, pvc_env = [], [], []
+    if parse_uri(uri, field="source.uri").scheme == "pvc":
+        pv = pvc_volume(uri, read_only=True, field="source.uri")
+        pvc_volumes, pvc_mounted, pvc_env = [pv["volume"]], [pv["volumeMount"]], pv["env"]
+    kiln_env = _server_env(md, uri, digest) + [dict(e) for e in pvc_env]
+    kiln_names = {e["name"] for e in kiln_env}
+    user_env = [dict(e) for e in artifact_env]
+    gpus = (spec.get("resources") or {}).get("gpus") or 0
+    volumes = [*pvc_volumes, {"name": "tmp", "emptyDir": {}}]  # read-only root: TensorRT cache, temp files
+    mounts = [*pvc_mounted, {"name": "tmp", "mountPath": "/tmp"}]
+
+    def probe(path: str, period: int, failures: int) -> Obj:
+        return {
+            "httpGet": {"path": path, "port": "http"},
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": 2,
+        }
+
+    container: Obj = {
+        "name": CONTAINER,
+        "image": image,
+        "imagePullPolicy": runtime.get("imagePullPolicy") or "IfNotPresent",
+        "env": [e for e in user_env if e["name"] not in kiln_names] + kiln_env,
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "resources": container_resources(spec),
+        # Live while loading and draining; ready only when the model is loaded, warmed up and on its provider.
+        "livenessProbe": probe("/v2/health/live", 10, 3),
+        "readinessProbe": probe("/v2/health/ready", 2, 2),
+        # A start-up failure (corrupt artifact, provider missing) writes its one-line reason here.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": mounts,
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+    }
+    scheduling = spec.get("scheduling") or {}
+    tolerations = copy.deepcopy(list(scheduling.get("tolerations") or []))
+    gpu_toleration = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
+    if gpus and gpu_toleration not in tolerations:
+        tolerations.append(gpu_toleration)
+    pod_spec: Obj = {
+        "enableServiceLinks": False,
+        # The server's shutdown delay (3 s) plus its grace period (25 s) fit: a scale-down drops no request.
+        "terminationGracePeriodSeconds": 30,
+        "automountServiceAccountToken": False,  # the server never talks to the API
+        "securityContext": copy.deepcopy(POD_SECURITY),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    for k in ("nodeSelector", "affinity", "priorityClassName"):
+        if scheduling.get(k):
+            pod_spec[k] = copy.deepcopy(scheduling[k])
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    pod_labels = labels(name, key)
+    pod_meta: Obj = {
+        "labels": dict(pod_labels),
+        "annotations": {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(METRICS_PORT),
+            "prometheus.io/path": "/metrics",
+        },
+    }
+    override = spec.get("podTemplate") or {}
+    if override:
+        pod_meta = merge(pod_meta, override.get("metadata") or {})
+        pod_meta["labels"] = {**pod_meta.get("labels", {}), **pod_labels}  # the selectors match on these
+        pod_spec = merge(pod_spec, override.get("spec") or {})
+        server = next((c for c in pod_spec["containers"] if c.get("name") == CONTAINER), None)
+        if server is None:
+            server = copy.deepcopy(container)
+            pod_spec["containers"].insert(0, server)
+        server["image"] = image
+        server["env"] = [e for e in server.get("env") or [] if e.get("name") not in kiln_names] + copy.deepcopy(
+            kiln_env
+        )
+        names = {v["name"] for v in volumes}
+        pod_spec["volumes"] = [v for v in pod_spec.get("volumes") or [] if v.get("name") not in names] + volumes
+        mnames = {m["name"] for m in mounts}
+        server["volumeMounts"] = [m for m in server.get("volumeMounts") or [] if m.get("name") not in mnames] + mounts
+    notes = {
+        NUMBER_ANNOTATION: str(number),
+        URI_ANNOTATION: uri,
+        ROLE_ANNOTATION: role,
+        CREATED_ANNOTATION: str(int(created)),
+        TEMPLATE_ANNOTATION: template_hash(md, image_default),
+        **(annotations or {}),
+    }
+    if digest:
+        notes[DIGEST_ANNOTATION] = digest
+    return copy.deepcopy(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": deployment_name(name, key),
+                "namespace": meta["namespace"],
+                "labels": labels(name, key),
+                "annotations": notes,
+            },
+            "spec": {
+                "replicas": replicas,
+                "revisionHistoryLimit": 2,
+                "selector": {"matchLabels": labels(name, key)},
+                # Surge first: a template change never takes a ready replica away before its successor is ready.
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
+                "template": {"metadata": pod_meta, "spec": pod_spec},
+            },
+        }
+    )
+
+
+def service(md: Mapping[str, Any]) -> Obj:
+    """One Service for all revisions in service: a canary's share of traffic is its share of ready pods."""
+    meta, spec = md["metadata"], md.get("spec") or {}
+    svc = spec.get("service") or {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": labels(meta["name"])},
+        "spec": {
+            "type": svc.get("type") or "ClusterIP",
+            "selector": selector(meta["name"]),
+            "ports": [{"name": "http", "port": svc.get("port") or HTTP_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def pod_disruption_budget(md: Mapping[str, Any]) -> Obj:
+    """At most one serving pod evicted at a time (a node drain never takes the model down at once); one, not a
+    minAvailable, so a single-replica deployment never blocks a drain forever."""
+    meta = md["metadata"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": labels(meta["name"])},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(meta["name"])}},
+    }
+
+
+def _quantity(value: Any) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def autoscaler(md: Mapping[str, Any]) -> Obj:
+    """An autoscaling/v2 HPA on the ModelDeployment's scale subresource: it sets spec.replicas, and the controller
+    shares those replicas out between the revisions (the HPA never fights a canary over a Deployment)."""
+    meta, spec = md["metadata"], md.get("spec") or {}
+    auto = spec["autoscaling"]
+    metric = auto.get("metric") or "CPU"
+    if metric == "CPU":
+        target: Obj = {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": _percent(auto)}},
+        }
+    else:
+        target = {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": POD_METRICS[metric]},
+                "target": {"type": "AverageValue", "averageValue": str(auto["target"])},
+            },
+        }
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": labels(meta["name"])},
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": MODEL_DEPLOYMENT.api_version,
+                "kind": MODEL_DEPLOYMENT.kind,
+                "name": meta["name"],
+            },
+            "minReplicas": auto.get("minReplicas") or 1,
+            "maxReplicas": auto["maxReplicas"],
+            "metrics": [target],
+        },
+    }
+
+
+def _percent(auto: Mapping[str, Any]) -> int:
+    return max(1, round(_quantity(auto["target"])))
+
+
+def replicas(md: Mapping[str, Any]) -> int:
+    """The replicas the ModelDeployment wants in service: spec.replicas (kubectl scale, or the HPA through the
+    scale subresource), kept within the autoscaling bounds."""
+    spec = md.get("spec") or {}
+    n = int(spec.get("replicas", 1))
+    auto = spec.get("autoscaling")
+    if auto:
+        n = min(max(n, int(auto.get("minReplicas") or 1)), int(auto["maxReplicas"]))
+    return n

@@ -1,0 +1,394 @@
+"""The ModelDeployment controller on the real control plane: children and scaling, truthful status when pods crash,
+and canary rollouts judged on real metrics. kwok plays the serving pods (they have no network), so the canary
+test runs real inference servers on loopback, one per artifact, and a real Prometheus scraping them with the
+target labels a PodMonitor gives the pods of each revision; the operator queries that Prometheus, as in
+production."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import kiln_artifacts as ka
+import numpy as np
+import pytest
+import yaml
+from harness import Cluster, run_operator
+from prometheus_support import require_prometheus, run_prometheus
+from server_support import ServerProcess, _image_artifact, image_request
+from waiting import wait_for
+
+D1 = "sha256:" + "a" * 64
+
+
+def apply(cluster: Cluster, ns: str, *bodies: dict) -> None:
+    cluster.kubectl("apply", "-n", ns, "-f", "-", stdin=yaml.safe_dump_all(bodies))
+
+
+def status(cluster: Cluster, ns: str, ref: str) -> dict:
+    return cluster.get(ref, "-n", ns).get("status") or {}
+
+
+def condition(st: dict, type_: str) -> dict:
+    return next((c for c in st.get("conditions", []) if c["type"] == type_), {})
+
+
+def deployments(cluster: Cluster, ns: str, md: str) -> list[dict]:
+    return cluster.get("deployments", "-n", ns, "-l", f"app.kubernetes.io/instance={md}")["items"]
+
+
+def serving(name: str, **spec) -> dict:
+    return {
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {"uri": "file:///models/sentiment", "digest": D1},
+            "replicas": 2,
+            "runtime": {"image": "kiln/server:test"},
+            "resources": {"cpu": "1", "memory": "1Gi"},
+            "podTemplate": {"spec": {"terminationGracePeriodSeconds": 1}},
+            **spec,
+        },
+    }
+
+
+def test_children_scale_autoscale_and_cleanup(cluster: Cluster, namespace: str, operator):
+    apply(cluster, namespace, serving("sentiment"))
+    st = wait_for(
+        lambda: (s := status(cluster, namespace, "md/sentiment")).get("phase") == "Ready" and s, what="md Ready"
+    )
+    assert condition(st, "Ready")["status"] == "True"
+    assert (st["replicas"], st["readyReplicas"]) == (2, 2)
+    assert st["selector"] == "kiln.dev/modeldeployment=sentiment"
+    assert st["url"] == f"http://sentiment.{namespace}.svc.cluster.local:8080"
+    assert st["current"]["digest"] == D1
+    assert st["current"]["revision"] == 1
+    (dep,) = deployments(cluster, namespace, "sentiment")
+    assert dep["metadata"]["name"] == "sentiment-aaaaaaaaaa"
+    assert dep["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
+    pod = dep["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env["KILN_MODEL_URI"] == "file:///models/sentiment"
+    assert env["KILN_MODEL_DIGEST"] == D1
+    assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    svc = cluster.get("service", "sentiment", "-n", namespace)
+    assert svc["spec"]["selector"] == {"kiln.dev/modeldeployment": "sentiment"}
+    assert svc["spec"]["ports"][0]["port"] == 8080
+    pdb = cluster.get("pdb", "sentiment", "-n", namespace)
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+    # kubectl scale goes through the scale subresource to spec.replicas, then to the Deployment.
+    cluster.kubectl("scale", "-n", namespace, "md/sentiment", "--replicas=3")
+    wait_for(
+        lambda: [d["spec"]["replicas"] for d in deployments(cluster, namespace, "sentiment")] == [3],
+        what="Deployment scaled to 3",
+    )
+    wait_for(lambda: status(cluster, namespace, "md/sentiment").get("readyReplicas") == 3, what="3 ready")
+    scale = json.loads(
+        cluster.kubectl(
+            "get", "--raw", f"/apis/kiln.dev/v1alpha1/namespaces/{namespace}/modeldeployments/sentiment/scale"
+        ).stdout
+    )
+    assert scale["spec"]["replicas"] == 3
+    assert scale["status"]["replicas"] == 3
+    assert scale["status"]["selector"] == "kiln.dev/modeldeployment=sentiment"
+
+    # Autoscaling: an HPA on the ModelDeployment's scale subresource, within the bounds.
+    patch = {"spec": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4, "metric": "CPU", "target": "70"}}}
+    cluster.kubectl("patch", "-n", namespace, "md/sentiment", "--type=merge", "-p", json.dumps(patch))
+    hpa = wait_for(
+        lambda: (
+            cluster.kubectl("get", "hpa", "sentiment", "-n", namespace, "-o", "json", check=False).returncode == 0
+            and cluster.get("hpa", "sentiment", "-n", namespace)
+        ),
+        what="HPA",
+    )
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "name": "sentiment",
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 70
+    cluster.kubectl(
+        "patch", "-n", namespace, "md/sentiment", "--type=json", "-p", '[{"op":"remove","path":"/spec/autoscaling"}]'
+    )
+    wait_for(
+        lambda: cluster.kubectl("get", "hpa", "sentiment", "-n", namespace, check=False).returncode != 0,
+        what="HPA removed with autoscaling",
+    )
+
+    # Deleting the ModelDeployment deletes its children (owner references; the garbage collector).
+    cluster.kubectl("delete", "-n", namespace, "md/sentiment", "--wait=true")
+    wait_for(lambda: deployments(cluster, namespace, "sentiment") == [], what="Deployments collected")
+    wait_for(
+        lambda: cluster.kubectl("get", "service", "sentiment", "-n", namespace, check=False).returncode != 0,
+        what="Service collected",
+    )
+
+
+def test_crash_looping_pods_make_it_degraded_not_ready(cluster: Cluster, namespace: str, operator):
+    failing = {
+        "metadata": {
+            "annotations": {
+                "kwok.kiln.dev/waiting-reason": "CrashLoopBackOff",
+                "kwok.kiln.dev/exit-code": "3",
+                "kwok.kiln.dev/message": "artifact file model.onnx: sha256 mismatch",
+            }
+        },
+        "spec": {"terminationGracePeriodSeconds": 1},
+    }
+    apply(cluster, namespace, serving("broken", podTemplate=failing))
+    st = wait_for(
+        lambda: (s := status(cluster, namespace, "md/broken")).get("phase") == "Degraded" and s, what="Degraded"
+    )
+    degraded = condition(st, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ModelLoadFailed")
+    assert "sha256 mismatch" in degraded["message"]
+    assert condition(st, "Ready")["status"] == "False"
+    assert st["readyReplicas"] == 0
+    out = cluster.kubectl("wait", "-n", namespace, "md/broken", "--for=condition=Ready=False", "--timeout=10s")
+    assert "condition met" in out.stdout
+
+
+def test_pinned_uri_source_is_served_as_given_and_a_change_rolls(cluster: Cluster, namespace: str, operator):
+    apply(cluster, namespace, serving("pinned", replicas=1))
+    wait_for(lambda: status(cluster, namespace, "md/pinned").get("phase") == "Ready", what="Ready")
+    d2 = "sha256:" + "b" * 64
+    patch = {"spec": {"source": {"uri": "file:///models/v2", "digest": d2}}}
+    cluster.kubectl("patch", "-n", namespace, "md/pinned", "--type=merge", "-p", json.dumps(patch))
+    # RollingUpdate: the new revision comes up beside the old one, then the old one goes.
+    st = wait_for(
+        lambda: (
+            (s := status(cluster, namespace, "md/pinned")).get("current", {}).get("digest") == d2
+            and [d["metadata"]["name"] for d in deployments(cluster, namespace, "pinned")] == ["pinned-bbbbbbbbbb"]
+            and s
+        ),
+        what="revision 2 serving alone",
+    )
+    assert st["current"]["revision"] == 2
+    assert [h["outcome"] for h in st["history"]][-2:] == ["Promoted", "Superseded"]
+
+
+# ---------------------------------------------------------------- canary on real metrics
+
+
+class Broken:
+    """A model that loads and warms up (zeros) but fails at inference on real input: its Gather index runs out of
+    bounds for any non-zero pixel, and ONNX Runtime refuses, so the server answers 500."""
+
+    @staticmethod
+    def build():
+        import torch
+
+        class Module(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.table = torch.nn.Parameter(torch.randn(1, 10))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                index = (x.flatten(1).abs().sum(1) > 0).long() * 1000
+                return self.table[index]
+
+        return Module().eval()
+
+
+def image_model(root: Path, seed: int | None) -> ka.Artifact:
+    import torch
+    from kiln_trainer.models import KilnCNN
+
+    root.mkdir(parents=True)
+    torch.manual_seed(seed or 0)
+    model = Broken.build() if seed is None else KilnCNN(10).eval()
+    uri, _ = _image_artifact(str(root), model)
+    return ka.load(uri)
+
+
+class Load:
+    """Steady load on every server, as clients of the revisions in service would send it: one thread each."""
+
+    def __init__(self, servers: list[ServerProcess]) -> None:
+        self.servers, self.stop = servers, threading.Event()
+        self.codes: dict[int, dict[int, int]] = {s.port: {} for s in servers}
+        self.threads = [threading.Thread(target=self.run, args=(s,), daemon=True) for s in servers]
+
+    def run(self, server: ServerProcess) -> None:
+        rng = np.random.default_rng(server.port)
+        while not self.stop.is_set():
+            doc = image_request(rng.random((1, 1, 8, 8), dtype=np.float32) + 0.1)
+            try:
+                code = server.infer(doc)[0]
+            except OSError:
+                code = -1
+            self.codes[server.port][code] = self.codes[server.port].get(code, 0) + 1
+            self.stop.wait(0.02)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[tuple[list[ka.Artifact], list[ServerProcess]]]:
+    artifacts = [image_model(tmp_path / f"m{i}", seed) for i, seed in enumerate((0, 1, None))]
+    procs = [ServerProcess(tmp_path, a.uri, name="digits").start() for a in artifacts]
+    try:
+        for p in procs:
+            p.wait_ready()
+        yield artifacts, procs
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def compressor_message(candidate: ka.Artifact) -> str:
+    gate = {"name": "maxAccuracyDrop", "passed": True, "value": 0.0, "threshold": 0.01}
+    return json.dumps(
+        {
+            "exitCode": 0,
+            "reason": "Succeeded",
+            "artifact": {"uri": candidate.uri, "digest": candidate.digest},
+            "gatesPassed": True,
+            "candidate": "int8-dynamic",
+            "report": {"sizeRatio": 0.3, "accuracyDrop": 0.0, "gates": [gate]},
+        }
+    )
+
+
+def compression(source: ka.Artifact, candidate: ka.Artifact) -> dict:
+    return {
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "ModelCompression",
+        "metadata": {"name": "digits-int8"},
+        "spec": {
+            "image": "kiln/compressor:test",
+            "source": {"uri": source.uri, "digest": source.digest},
+            "recipe": {"steps": [{"export": {}}, {"quantize": {"mode": "Dynamic"}}]},
+            "evaluation": {"dataset": {"uri": "file:///data/digits"}},
+            "gates": {"maxAccuracyDrop": 0.01},
+            "podTemplate": {
+                "metadata": {
+                    "annotations": {
+                        "kwok.kiln.dev/run-for": "1s",
+                        "kwok.kiln.dev/message": compressor_message(candidate),
+                    }
+                },
+                "spec": {"terminationGracePeriodSeconds": 1},
+            },
+        },
+    }
+
+
+def recompress(cluster: Cluster, ns: str, source: ka.Artifact, candidate: ka.Artifact) -> None:
+    cluster.kubectl("delete", "-n", ns, "mc/digits-int8", "--wait=true")
+    apply(cluster, ns, compression(source, candidate))
+
+
+def test_canary_follows_promotions_promotes_on_good_metrics_and_rolls_back_on_bad(
+    cluster: Cluster, crds: None, namespace: str, tmp_path: Path, servers, monkeypatch
+):
+    require_prometheus()
+    (v1, v2, bad), procs = servers
+    # The model bytes each compression starts from (they only have to exist and differ).
+    sources = []
+    for i in range(3):
+        folder = tmp_path / f"src{i}"
+        folder.mkdir()
+        (folder / "model.bin").write_bytes(b"weights %d" % i * 100)
+        sources.append(ka.publish(folder, f"file://{tmp_path}/sources/{i}", format="hf-transformers"))
+    labels = {"namespace": namespace, "kiln_dev_modeldeployment": "digits"}
+    targets = [
+        (f"127.0.0.1:{p.metrics_port}", {**labels, "kiln_dev_revision": a.digest[7:17]})
+        for a, p in zip((v1, v2, bad), procs, strict=True)
+    ]
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("KILN_ARTIFACT_ROOT", f"file://{store}")
+    with run_prometheus(tmp_path, targets) as prometheus, Load(procs) as load:
+        monkeypatch.setenv("KILN_PROMETHEUS_URL", prometheus)
+        with run_operator(f"--namespace={namespace}"):
+            apply(cluster, namespace, compression(sources[0], v1))
+            md = serving(
+                "digits",
+                source={"modelCompressionRef": {"name": "digits-int8"}},
+                rollout={
+                    "strategy": "Canary",
+                    "steps": [{"weight": 50, "pauseSeconds": 0}, {"weight": 100, "pauseSeconds": 0}],
+                    "analysis": {"intervalSeconds": 5, "minRequests": 20, "maxErrorRate": 0.05},
+                },
+            )
+            apply(cluster, namespace, md)
+            st = wait_for(
+                lambda: (
+                    (s := status(cluster, namespace, "md/digits")).get("phase") == "Ready"
+                    and s.get("current", {}).get("digest") == v1.digest
+                    and s
+                ),
+                what="revision 1 (v1) Ready",
+                timeout=90,
+            )
+            # v2 promoted by the compression (spec.source is immutable: the compression is made anew from another
+            # model): a canary starts without any change to the ModelDeployment.
+            recompress(cluster, namespace, sources[1], v2)
+            wait_for(
+                lambda: status(cluster, namespace, "md/digits").get("candidate", {}).get("digest") == v2.digest,
+                what="canary of v2",
+                timeout=90,
+            )
+            st = wait_for(
+                lambda: (
+                    (s := status(cluster, namespace, "md/digits")).get("current", {}).get("digest") == v2.digest and s
+                ),
+                what="v2 promoted",
+                timeout=120,
+            )
+            assert st["history"][-2]["outcome"] == "Promoted"
+            assert st["history"][-2]["digest"] == v2.digest
+            assert st["analysis"]["verdict"] == "Pass"
+            assert st["analysis"]["candidate"]["requests"] >= 20
+            assert st["analysis"]["candidate"]["errorRate"] == 0
+            assert [d["metadata"]["name"] for d in deployments(cluster, namespace, "digits")] == [
+                f"digits-{v2.digest[7:17]}"
+            ]
+            # The broken model: promoted by the compression, rolled back by the analysis within an interval or so.
+            recompress(cluster, namespace, sources[2], bad)
+            st = wait_for(
+                lambda: (
+                    condition(s := status(cluster, namespace, "md/digits"), "RolledBack").get("status") == "True" and s
+                ),
+                what="rolled back",
+                timeout=120,
+            )
+            rolled = condition(st, "RolledBack")
+            assert rolled["reason"] == "AnalysisFailed", rolled
+            assert "maxErrorRate 0.05" in rolled["message"]
+            assert st["current"]["digest"] == v2.digest
+            assert [r["digest"] for r in st["rejected"]] == [bad.digest]
+            # Not retried: the next passes see the same promoted digest and leave it rejected.
+            st = wait_for(
+                lambda: (
+                    "not retried" in condition(s := status(cluster, namespace, "md/digits"), "RolledBack")["message"]
+                    and s
+                ),
+                what="bad digest rejected, not retried",
+            )
+            assert [d["metadata"]["name"] for d in deployments(cluster, namespace, "digits")] == [
+                f"digits-{v2.digest[7:17]}"
+            ]
+            reasons = {e["reason"] for e in cluster.get("events", "-n", namespace)["items"]}
+            assert {"RolloutStarted", "Promoted", "RolledBack"} <= reasons
+    # The servers really saw the traffic the analysis judged: good ones only 200s, the broken one 500s.
+    assert set(load.codes[procs[1].port]) == {200}
+    assert load.codes[procs[2].port].get(500, 0) > 0

@@ -1,0 +1,356 @@
+"""The ModelDeployment state machine and builders, without a cluster: a small world applies each Plan (Deployments
+created, scaled, deleted; readiness set by the test) and the next pass reads it back, as the controller does."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from kiln_operator.analysis import Sample
+from kiln_operator.builders import modeldeployment as b
+from kiln_operator.lifecycle import modeldeployment as life
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+D3 = "sha256:" + "3" * 64
+
+
+def md(**spec: Any) -> dict[str, Any]:
+    base = {
+        "source": {"modelCompressionRef": {"name": "mc"}},
+        "replicas": 2,
+        "runtime": {"image": "kiln/server:1", "maxBatchSize": 16},
+        "resources": {"cpu": "2", "memory": "1Gi", "gpus": 0},
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "sentiment", "namespace": "ns", "uid": "u-1", "generation": 1},
+        "spec": base,
+    }
+
+
+def mc(digest: str) -> dict[str, Any]:
+    return {"status": {"promoted": {"uri": f"file:///reg/{digest[7:12]}", "digest": digest}}}
+
+
+CANARY = {
+    "strategy": "Canary",
+    "steps": [{"weight": 50, "pauseSeconds": 0}, {"weight": 100, "pauseSeconds": 0}],
+    "analysis": {"intervalSeconds": 10, "minRequests": 10, "maxErrorRate": 0.05, "maxP95LatencyMs": 100},
+}
+
+
+class World:
+    """Deployments as the API server and the Deployment controller would keep them."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.md = body
+        self.deployments: dict[str, dict[str, Any]] = {}
+        self.pods: list[dict[str, Any]] = []
+        self.now = 1_000_000.0
+        self.plans: list[Any] = []
+
+    def step(self, source: dict[str, Any] | None, analysis: life.Analysis | None = None) -> Any:
+        plan = life.decide(
+            self.md,
+            source,
+            list(copy.deepcopy(list(self.deployments.values()))),
+            self.pods,
+            self.now,
+            analysis=analysis,
+        )
+        for obj in plan.apply:
+            meta = obj["metadata"]
+            old = self.deployments.get(meta["name"], {})
+            self.deployments[meta["name"]] = {
+                "metadata": {k: meta[k] for k in ("name", "labels", "annotations")},
+                "spec": {"replicas": obj["spec"]["replicas"]},
+                "status": old.get("status", {}),
+            }
+        for _, kind, name in plan.delete:
+            assert kind == "Deployment"
+            self.deployments.pop(name, None)
+        self.md = {**self.md, "status": plan.status}
+        self.plans.append(plan)
+        return plan
+
+    def ready_all(self) -> None:
+        for d in self.deployments.values():
+            d["status"] = {"readyReplicas": d["spec"]["replicas"], "replicas": d["spec"]["replicas"]}
+
+    def by_role(self, role: str) -> dict[str, Any] | None:
+        return next(
+            (d for d in self.deployments.values() if d["metadata"]["annotations"][b.ROLE_ANNOTATION] == role), None
+        )
+
+
+def cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def good(n: float = 50) -> Sample:
+    return Sample(requests=n, errors=0, p95_ms=5.0)
+
+
+def to_analysis(world: World, sample: Sample) -> life.Analysis:
+    due = life.analysis_due(world.md, list(world.deployments.values()), world.now)
+    assert due is not None, "an analysis is due"
+    return life.Analysis(due.revision, due.step, due.window, candidate=sample, stable=good())
+
+
+def test_first_revision_is_deployed_then_ready():
+    w = World(md())
+    plan = w.step(mc(D1))
+    [dep] = plan.apply
+    assert dep["metadata"]["name"] == "sentiment-1111111111"
+    assert dep["spec"]["replicas"] == 2
+    assert plan.status["phase"] == "Pending"
+    assert cond(plan.status, "Ready")["status"] == "False"
+    plan = w.step(mc(D1))
+    assert plan.apply == []  # nothing changed: nothing applied
+    w.ready_all()
+    plan = w.step(mc(D1))
+    assert plan.status["phase"] == "Ready"
+    assert cond(plan.status, "Ready")["status"] == "True"
+    assert plan.status["current"]["digest"] == D1
+    assert plan.status["current"]["revision"] == 1
+    assert plan.status["readyReplicas"] == 2
+    assert plan.status["selector"] == "kiln.dev/modeldeployment=sentiment"
+    assert plan.status["url"] == "http://sentiment.ns.svc.cluster.local:8080"
+
+
+def test_source_not_promoted_yet_waits():
+    w = World(md())
+    plan = w.step({"status": {"phase": "Running"}})
+    assert plan.apply == []
+    assert cond(plan.status, "SourceReady")["reason"] == "SourceNotReady"
+    assert cond(plan.status, "Reconciling")["status"] == "True"
+
+
+def deployed(spec: dict[str, Any] | None = None) -> World:
+    w = World(md(**(spec or {})))
+    w.step(mc(D1))
+    w.ready_all()
+    w.step(mc(D1))
+    return w
+
+
+def test_canary_passes_every_step_and_promotes_with_surge_first():
+    w = deployed({"rollout": CANARY})
+    plan = w.step(mc(D2))
+    cand = w.by_role("candidate")
+    assert cand is not None
+    assert cand["spec"]["replicas"] == 1
+    assert w.by_role("stable")["spec"]["replicas"] == 2  # surge first: stable untouched until the canary is ready
+    assert plan.status["phase"] == "Progressing"
+    assert life.analysis_due(w.md, list(w.deployments.values()), w.now) is None  # not ready: no analysis
+    w.ready_all()
+    w.step(mc(D2))
+    assert w.by_role("stable")["spec"]["replicas"] == 1  # the candidate's ready pod makes up for it
+    assert w.by_role("candidate")["metadata"]["annotations"][b.STEP_STARTED_ANNOTATION] == str(int(w.now))
+    assert w.md["status"]["canaryWeight"] == 33  # 1 candidate pod of 3 ready ones, until the stable one goes
+    w.ready_all()
+    w.step(mc(D2))
+    assert w.md["status"]["canaryWeight"] == 50
+    w.now += 10
+    plan = w.step(mc(D2), to_analysis(w, good()))
+    assert plan.status["analysis"]["verdict"] == "Pass"
+    cand = w.by_role("candidate")
+    assert cand["metadata"]["annotations"][b.STEP_ANNOTATION] == "1"
+    assert cand["spec"]["replicas"] == 2
+    assert b.STEP_STARTED_ANNOTATION not in cand["metadata"]["annotations"]
+    # Step 1 (100%): the stable revision keeps serving until the candidate's 2 replicas are ready.
+    w.step(mc(D2))
+    assert w.by_role("stable")["spec"]["replicas"] >= 1
+    w.ready_all()
+    w.step(mc(D2))
+    w.now += 10
+    plan = w.step(mc(D2), to_analysis(w, good()))
+    assert [d["metadata"]["annotations"][b.DIGEST_ANNOTATION] for d in w.deployments.values()] == [D2]
+    assert w.by_role("stable")["spec"]["replicas"] == 2
+    assert plan.status["current"]["digest"] == D2
+    assert plan.status["current"]["revision"] == 2
+    assert [h["outcome"] for h in plan.status["history"]] == ["Promoted", "Superseded"]
+    assert ("Normal", "Promoted") in [(t, r) for t, r, _ in plan.events]
+
+
+def test_failed_analysis_rolls_back_and_the_digest_is_not_retried():
+    w = deployed({"rollout": CANARY})
+    w.step(mc(D2))
+    w.ready_all()
+    w.step(mc(D2))
+    w.now += 10
+    bad = Sample(requests=40, errors=8, p95_ms=6.0)
+    plan = w.step(mc(D2), to_analysis(w, bad))
+    assert [d["metadata"]["annotations"][b.DIGEST_ANNOTATION] for d in w.deployments.values()] == [D1]
+    assert w.by_role("stable")["spec"]["replicas"] == 2
+    rolled = cond(plan.status, "RolledBack")
+    assert rolled["status"] == "True"
+    assert rolled["reason"] == "AnalysisFailed"
+    assert "error rate 0.2000 > maxErrorRate 0.05" in rolled["message"]
+    assert plan.status["rejected"][0]["digest"] == D2
+    assert plan.status["history"][-1]["outcome"] == "RolledBack"
+    # The source still promotes D2: it is not rolled out again.
+    for _ in range(3):
+        plan = w.step(mc(D2))
+        assert plan.apply == []
+        assert len(w.deployments) == 1
+    assert cond(plan.status, "RolledBack")["reason"] == "AnalysisFailed"
+    assert "not retried" in cond(plan.status, "RolledBack")["message"]
+    # A newer artifact is rolled out as usual.
+    w.step(mc(D3))
+    assert w.by_role("candidate")["metadata"]["annotations"][b.DIGEST_ANNOTATION] == D3
+
+
+def test_retry_digest_with_a_new_generation_tries_again():
+    w = deployed({"rollout": CANARY})
+    w.step(mc(D2))
+    w.ready_all()
+    w.step(mc(D2))
+    w.now += 10
+    w.step(mc(D2), to_analysis(w, Sample(requests=40, errors=40, p95_ms=1.0)))
+    assert w.by_role("candidate") is None
+    w.md["spec"]["rollout"] = {**CANARY, "retryDigest": D2}
+    w.step(mc(D2))
+    assert w.by_role("candidate") is None  # same generation as the rollback: still rejected
+    w.md["metadata"]["generation"] = 2
+    w.step(mc(D2))
+    assert w.by_role("candidate")["metadata"]["annotations"][b.DIGEST_ANNOTATION] == D2
+
+
+def test_slow_candidate_fails_on_p95_only_after_min_requests():
+    verdict = life.verdict(CANARY["analysis"], life.Analysis(2, 0, 10, candidate=Sample(5, 0, 900.0)))
+    assert verdict[0] == "Wait"
+    verdict = life.verdict(CANARY["analysis"], life.Analysis(2, 0, 10, candidate=Sample(50, 0, 900.0)))
+    assert verdict[0] == "Fail"
+    assert "p95 latency 900.0 ms > maxP95LatencyMs 100" in verdict[1]
+    # Errors beyond the budget of minRequests fail at once, before minRequests is reached.
+    assert life.verdict(CANARY["analysis"], life.Analysis(2, 0, 10, candidate=Sample(3, 3, 1.0)))[0] == "Fail"
+    assert life.verdict(CANARY["analysis"], life.Analysis(2, 0, 10, error="down"))[0] == "Unavailable"
+
+
+def crashing(name: str, key: str, code: int, message: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {b.REVISION_LABEL: key}},
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [
+                {
+                    "name": "server",
+                    "ready": False,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}},
+                    "lastState": {"terminated": {"exitCode": code, "message": message}},
+                }
+            ],
+        },
+    }
+
+
+def test_candidate_whose_model_does_not_load_is_rolled_back():
+    w = deployed({"rollout": CANARY})
+    w.step(mc(D2))
+    w.pods = [crashing("sentiment-2222-abc", "2222222222", 3, "artifact file model.onnx: sha256 mismatch")]
+    plan = w.step(mc(D2))
+    rolled = cond(plan.status, "RolledBack")
+    assert rolled["reason"] == "ModelLoadFailed"
+    assert "sha256 mismatch" in rolled["message"]
+    assert w.by_role("candidate") is None
+
+
+def test_stable_crash_loop_is_degraded_not_ready():
+    w = deployed()
+    w.pods = [crashing("sentiment-1111-abc", "1111111111", 1, "Traceback ...")]
+    for d in w.deployments.values():
+        d["status"] = {"readyReplicas": 1}
+    plan = w.step(mc(D1))
+    assert cond(plan.status, "Degraded")["status"] == "True"
+    assert cond(plan.status, "Degraded")["reason"] == "CrashLoopBackOff"
+    assert cond(plan.status, "Ready")["status"] == "False"
+    assert plan.status["phase"] == "Degraded"
+
+
+def test_progress_deadline_rolls_back_a_candidate_that_never_gets_ready():
+    w = deployed({"rollout": {**CANARY, "progressDeadlineSeconds": 60}})
+    w.step(mc(D2))
+    w.now += 61
+    plan = w.step(mc(D2))
+    assert cond(plan.status, "RolledBack")["reason"] == "ProgressDeadlineExceeded"
+
+
+def test_pinned_digest_stays_while_the_source_moves_on():
+    w = deployed({"source": {"modelCompressionRef": {"name": "mc"}, "digest": D1}})
+    plan = w.step(mc(D2))
+    assert plan.apply == []
+    assert plan.delete == []
+    assert plan.status["current"]["digest"] == D1
+
+
+def test_rolling_update_replaces_after_the_new_revision_is_ready():
+    w = deployed()
+    w.step(mc(D2))
+    assert w.by_role("candidate")["spec"]["replicas"] == 2
+    assert w.by_role("stable")["spec"]["replicas"] == 2
+    w.ready_all()
+    plan = w.step(mc(D2))
+    assert [d["metadata"]["annotations"][b.DIGEST_ANNOTATION] for d in w.deployments.values()] == [D2]
+    assert plan.status["current"]["revision"] == 2
+
+
+def test_scale_and_autoscaling_bounds():
+    w = deployed()
+    w.md["spec"]["replicas"] = 5
+    w.step(mc(D1))
+    assert w.by_role("stable")["spec"]["replicas"] == 5
+    body = md(autoscaling={"minReplicas": 2, "maxReplicas": 4, "metric": "CPU", "target": "70"}, replicas=9)
+    assert b.replicas(body) == 4
+    hpa = b.autoscaler(body)
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "name": "sentiment",
+    }
+    assert hpa["spec"]["metrics"][0]["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+    custom = b.autoscaler(md(autoscaling={"maxReplicas": 4, "metric": "InFlightRequests", "target": "8"}))
+    assert custom["spec"]["metrics"][0]["pods"]["metric"]["name"] == "kiln_server_inflight_requests"
+
+
+@pytest.mark.parametrize(
+    ("n", "weight", "expected"), [(1, 10, (1, 1)), (4, 25, (1, 3)), (10, 50, (5, 5)), (3, 100, (3, 0))]
+)
+def test_step_replicas(n, weight, expected):
+    assert life.step_replicas(n, weight) == expected
+
+
+def test_server_deployment_is_hardened_and_wired():
+    dep = b.deployment(
+        md(), "1111111111", uri="file:///reg/a", digest=D1, number=1, role="stable", replicas=2, created=0
+    )
+    pod = dep["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KILN_MODEL_URI"] == "file:///reg/a"
+    assert env["KILN_MODEL_DIGEST"] == D1
+    assert env["KILN_MODEL_NAME"] == "sentiment"
+    assert env["KILN_SERVER_MAX_BATCH_SIZE"] == "16"
+    assert env["KILN_SERVER_INTRA_OP_THREADS"] == "2"  # the CPU request, not the node's cores
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert dep["spec"]["selector"]["matchLabels"][b.REVISION_LABEL] == "1111111111"
+    svc = b.service(md())
+    assert svc["spec"]["selector"] == {b.MD_LABEL: "sentiment"}  # every revision in service
+    assert b.pod_disruption_budget(md())["spec"]["maxUnavailable"] == 1
+    gpu = md(runtime={"image": "x", "executionProvider": "CUDAExecutionProvider"}, resources={"gpus": 1})
+    gdep = b.deployment(gpu, "k", uri="s3://bucket/m", digest=None, number=1, role="stable", replicas=1, created=0)
+    gpod = gdep["spec"]["template"]["spec"]
+    assert gpod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpod["tolerations"]
+    assert {e["name"]: e.get("value") for e in gpod["containers"][0]["env"]}["KILN_SERVER_PROVIDER"] == "cuda"
