@@ -31,7 +31,16 @@ def trim(body: kopf.Body | dict[str, Any], *, suspend: bool = False) -> dict[str
     out: dict[str, Any] = {
         "metadata": {
             k: meta[k]
-            for k in ("name", "namespace", "uid", "labels", "annotations", "creationTimestamp", "deletionTimestamp")
+            for k in (
+                "name",
+                "namespace",
+                "uid",
+                "labels",
+                "annotations",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "ownerReferences",
+            )
             if k in meta
         },
         "status": body.get("status") or {},
@@ -46,6 +55,21 @@ def _rv(body: dict[str, Any]) -> int:
         return int(body["metadata"].get("resourceVersion") or 0)
     except ValueError:
         return 0
+
+
+def owned(children: list[dict[str, Any]], uid: str | None) -> list[dict[str, Any]]:
+    """The children of this incarnation of the object: one deleted and created again under the same name finds
+    the old one's children (same names and labels) until the garbage collector removes them; they are not its."""
+    return [
+        c
+        for c in children
+        if not uid
+        or not c["metadata"].get("ownerReferences")
+        or any(o.get("uid") == uid for o in c["metadata"]["ownerReferences"])
+    ]
+
+
+CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
 
 
 def material(status: dict[str, Any]) -> str:
@@ -124,8 +148,16 @@ class Controller:
         body = self.objects.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
-        pods = list(self.pods.get(key, []))  # snapshots, never edited (the state machines only read them)
-        plan = await self.plan(key, body, self.children(key), pods)
+        uid = body["metadata"].get("uid")
+        jobs = owned(self.children(key), uid)
+        uids = {j["metadata"].get("uid") for j in jobs}
+        # Snapshots, never edited (the state machines only read them); a Job's pods carry its uid.
+        pods = [
+            p
+            for p in self.pods.get(key, [])
+            if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID) in (None, *uids)
+        ]
+        plan = await self.plan(key, body, jobs, pods)
         try:
             await self.apply(key, body, plan)
         except NamespaceTerminating:

@@ -138,7 +138,7 @@ def test_crash_looping_pods_make_it_degraded_not_ready(cluster: Cluster, namespa
         "metadata": {
             "annotations": {
                 "kwok.kiln.dev/waiting-reason": "CrashLoopBackOff",
-                "kwok.kiln.dev/exit-code": "3",
+                "kwok.kiln.dev/last-exit-code": "3",
                 "kwok.kiln.dev/message": "artifact file model.onnx: sha256 mismatch",
             }
         },

@@ -19,7 +19,7 @@ from kiln_artifacts.k8s import s3_env
 
 from kiln_operator import analysis as am
 from kiln_operator.builders import modeldeployment as b
-from kiln_operator.controller import Controller, trim
+from kiln_operator.controller import Controller, owned, trim
 from kiln_operator.kube import Client
 from kiln_operator.lifecycle import modeldeployment as life
 from kiln_operator.lifecycle.plan import Plan
@@ -133,7 +133,7 @@ class ModelDeployments(Controller):
         return cache.objects.get((key[0], ref[1]))
 
     async def plan(self, key: Key, body: dict[str, Any], jobs: list[dict[str, Any]], pods: list[Any]) -> Plan:
-        deployments = self.deployments(key)
+        deployments = owned(self.deployments(key), body["metadata"].get("uid"))
         now = time.time()
         due = life.analysis_due(body, deployments, now)
         await self.keep_baselines(key, deployments, pods)

@@ -21,7 +21,7 @@ from kiln_artifacts.k8s import s3_env
 from kiln_artifacts.uri import parse_uri
 
 from kiln_operator.builders import trainingjob as b
-from kiln_operator.controller import Controller, trim
+from kiln_operator.controller import CONTROLLER_UID, Controller, trim
 from kiln_operator.kube import Client
 from kiln_operator.lifecycle import trainingjob as life
 from kiln_operator.resources import TRAINING_JOB as KIND
@@ -56,7 +56,7 @@ async def tj_jobs(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any
 async def tj_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]]:
     pod = trim(body)
     pod["metadata"].pop("labels", None)
-    pod["metadata"]["labels"] = {k: v for k, v in labels.items() if k in (b.TJ_LABEL, b.ATTEMPT_LABEL)}
+    pod["metadata"]["labels"] = {k: v for k, v in labels.items() if k in (b.TJ_LABEL, b.ATTEMPT_LABEL, CONTROLLER_UID)}
     return {(namespace, labels[b.TJ_LABEL]): pod}
 
 
