@@ -157,6 +157,19 @@ def test_crash_looping_pods_make_it_degraded_not_ready(cluster: Cluster, namespa
     assert "condition met" in out.stdout
 
 
+def test_unschedulable_pods_are_reported_with_the_schedulers_reason(cluster: Cluster, namespace: str, operator):
+    gpu = {"image": "kiln/server:test", "executionProvider": "CUDAExecutionProvider"}
+    apply(cluster, namespace, serving("huge", runtime=gpu, resources={"gpus": 16}))
+    st = wait_for(
+        lambda: condition(s := status(cluster, namespace, "md/huge"), "Ready").get("reason") == "Unschedulable" and s,
+        what="Unschedulable",
+    )
+    ready = condition(st, "Ready")
+    assert ready["status"] == "False"
+    assert "nvidia.com/gpu" in ready["message"]
+    assert st["phase"] == "Pending"
+
+
 def test_pinned_uri_source_is_served_as_given_and_a_change_rolls(cluster: Cluster, namespace: str, operator):
     apply(cluster, namespace, serving("pinned", replicas=1))
     wait_for(lambda: status(cluster, namespace, "md/pinned").get("phase") == "Ready", what="Ready")
@@ -389,6 +402,16 @@ def test_canary_follows_promotions_promotes_on_good_metrics_and_rolls_back_on_ba
             ]
             reasons = {e["reason"] for e in cluster.get("events", "-n", namespace)["items"]}
             assert {"RolloutStarted", "Promoted", "RolledBack"} <= reasons
+            # Pinned to v2: the compression promoting another digest changes nothing.
+            pin = {"spec": {"source": {"modelCompressionRef": {"name": "digits-int8"}, "digest": v2.digest}}}
+            cluster.kubectl("patch", "-n", namespace, "md/digits", "--type=merge", "-p", json.dumps(pin))
+            st = wait_for(
+                lambda: (s := status(cluster, namespace, "md/digits")).get("observedGeneration") == 2 and s,
+                what="pin observed",
+            )
+            assert condition(st, "SourceReady")["message"] == f"pinned to {v2.digest}"
+            assert st["current"]["digest"] == v2.digest
+            assert "candidate" not in st
     # The servers really saw the traffic the analysis judged: good ones only 200s, the broken one 500s.
     assert set(load.codes[procs[1].port]) == {200}
     assert load.codes[procs[2].port].get(500, 0) > 0

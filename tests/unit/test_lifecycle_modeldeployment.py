@@ -354,3 +354,27 @@ def test_server_deployment_is_hardened_and_wired():
     assert gpod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpod["tolerations"]
     assert {e["name"]: e.get("value") for e in gpod["containers"][0]["env"]}["KILN_SERVER_PROVIDER"] == "cuda"
+
+
+def test_training_job_source_is_served_once_its_model_is_ready():
+    body = md(source={"trainingJobRef": {"name": "train"}})
+    running = {"status": {"phase": "Running", "artifact": {"uri": "file:///a", "digest": D1}}}
+    found, reason, _ = life.resolve_source(body, running, None)
+    assert found is None
+    assert reason == "SourceNotReady"  # an artifact without ModelReady=True is not served
+    ready = {
+        "status": {
+            "phase": "Succeeded",
+            "artifact": {"uri": "file:///a", "digest": D1},
+            "conditions": [{"type": "ModelReady", "status": "True"}],
+        }
+    }
+    found, reason, _ = life.resolve_source(body, ready, None)
+    assert found == {"uri": "file:///a", "digest": D1}
+    assert reason == "SourceReady"
+    found, reason, message = life.resolve_source(
+        md(source={"modelCompressionRef": {"name": "mc"}, "digest": D2}), mc(D1), None
+    )
+    assert found is None
+    assert reason == "SourceDigestMismatch"
+    assert D2 in message
