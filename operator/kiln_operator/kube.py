@@ -29,6 +29,7 @@ _PATHS: dict[tuple[str, str], tuple[str, str]] = {
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): ("/apis/gateway.networking.k8s.io/v1", "httproutes"),
     ("kiln.dev/v1alpha1", "TrainingJob"): ("/apis/kiln.dev/v1alpha1", "trainingjobs"),
     ("kiln.dev/v1alpha1", "ModelCompression"): ("/apis/kiln.dev/v1alpha1", "modelcompressions"),
     ("kiln.dev/v1alpha1", "ModelDeployment"): ("/apis/kiln.dev/v1alpha1", "modeldeployments"),

@@ -7,6 +7,7 @@ production."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import kiln_artifacts as ka
 import numpy as np
 import pytest
 import yaml
-from harness import Cluster, run_operator
+from harness import REPO, Cluster, run_operator
 from prometheus_support import require_prometheus, run_prometheus
 from server_support import ServerProcess, _image_artifact, image_request
 from waiting import wait_for
@@ -187,6 +188,43 @@ def test_pinned_uri_source_is_served_as_given_and_a_change_rolls(cluster: Cluste
     )
     assert st["current"]["revision"] == 2
     assert [h["outcome"] for h in st["history"]][-2:] == ["Promoted", "Superseded"]
+
+
+@pytest.fixture(scope="session")
+def gateway_api(cluster: Cluster, crds: None) -> None:
+    """The Gateway API's HTTPRoute CRD (the standard channel, from the Go module proxy)."""
+    crd = subprocess.run([str(REPO / "hack/gateway-api.sh")], check=True, capture_output=True, text=True).stdout.strip()
+    cluster.kubectl("apply", "--server-side", "-f", crd)
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crd)
+
+
+def test_gateway_route_gets_exact_canary_weights(cluster: Cluster, namespace: str, gateway_api: None, operator):
+    gateway = {"parentRefs": [{"name": "public", "namespace": "gateways"}], "hostnames": ["digits.example.com"]}
+    canary = {"strategy": "Canary", "steps": [{"weight": 10, "pauseSeconds": 0}, {"weight": 100}]}
+    apply(cluster, namespace, serving("routed", service={"gateway": gateway}, rollout=canary))
+    st = wait_for(lambda: (s := status(cluster, namespace, "md/routed")).get("phase") == "Ready" and s, what="Ready")
+    assert st["routeUrl"] == "http://digits.example.com"
+
+    def weights() -> dict[str, int]:
+        found = cluster.kubectl("get", "httproute", "routed", "-n", namespace, "-o", "json", check=False)
+        if found.returncode:
+            return {}
+        route = json.loads(found.stdout)
+        return {b["name"]: b["weight"] for b in route["spec"]["rules"][0]["backendRefs"]}
+
+    assert wait_for(weights, what="route") == {"routed-aaaaaaaaaa": 100}
+    d2 = "sha256:" + "c" * 64
+    patch = {"spec": {"source": {"uri": "file:///models/v2", "digest": d2}}}
+    cluster.kubectl("patch", "-n", namespace, "md/routed", "--type=merge", "-p", json.dumps(patch))
+    # 2 replicas: by replica ratio a 10% step would be 1 pod in 3; on the route it is exactly 10%.
+    wait_for(lambda: weights() == {"routed-aaaaaaaaaa": 90, "routed-cccccccccc": 10}, what="10% on the route")
+    assert status(cluster, namespace, "md/routed")["canaryWeight"] == 10
+    svc = cluster.get("service", "routed-cccccccccc", "-n", namespace)
+    assert svc["spec"]["selector"] == {"kiln.dev/modeldeployment": "routed", "kiln.dev/revision": "cccccccccc"}
+    route = cluster.get("httproute", "routed", "-n", namespace)
+    assert route["spec"]["parentRefs"][0]["name"] == "public"
+    assert route["spec"]["hostnames"] == ["digits.example.com"]
+    assert route["metadata"]["ownerReferences"][0]["name"] == "routed"
 
 
 # ---------------------------------------------------------------- canary on real metrics

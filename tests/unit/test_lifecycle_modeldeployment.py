@@ -53,6 +53,7 @@ class World:
         self.pods: list[dict[str, Any]] = []
         self.now = 1_000_000.0
         self.plans: list[Any] = []
+        self.routes: list[dict[str, Any]] = []
 
     def step(self, source: dict[str, Any] | None, analysis: life.Analysis | None = None) -> Any:
         plan = life.decide(
@@ -63,7 +64,10 @@ class World:
             self.now,
             analysis=analysis,
         )
+        self.routes = [o for o in plan.apply if o["kind"] == "HTTPRoute"] or self.routes
         for obj in plan.apply:
+            if obj["kind"] != "Deployment":
+                continue
             meta = obj["metadata"]
             old = self.deployments.get(meta["name"], {})
             self.deployments[meta["name"]] = {
@@ -72,8 +76,8 @@ class World:
                 "status": old.get("status", {}),
             }
         for _, kind, name in plan.delete:
-            assert kind == "Deployment"
-            self.deployments.pop(name, None)
+            if kind == "Deployment":
+                self.deployments.pop(name, None)
         self.md = {**self.md, "status": plan.status}
         self.plans.append(plan)
         return plan
@@ -378,3 +382,46 @@ def test_training_job_source_is_served_once_its_model_is_ready():
     assert found is None
     assert reason == "SourceDigestMismatch"
     assert D2 in message
+
+
+def test_gateway_route_carries_the_exact_canary_weights():
+    gateway = {"parentRefs": [{"name": "public", "namespace": "gw"}], "hostnames": ["digits.example.com"]}
+    w = deployed({"rollout": CANARY, "service": {"port": 8080, "gateway": gateway}})
+
+    def weights() -> dict[str, int]:
+        route = w.routes[-1]
+        assert route["spec"]["parentRefs"][0]["name"] == "public"
+        return {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]}
+
+    w.step(mc(D1))
+    assert weights() == {"sentiment-1111111111": 100}
+    assert w.md["status"]["routeUrl"] == "http://digits.example.com"
+    w.step(mc(D2))
+    w.step(mc(D2))
+    assert weights() == {"sentiment-1111111111": 100, "sentiment-2222222222": 0}  # not ready: no traffic
+    w.ready_all()
+    w.step(mc(D2))
+    assert weights() == {"sentiment-1111111111": 50, "sentiment-2222222222": 50}
+    assert w.md["status"]["canaryWeight"] == 50
+    w.now += 10
+    w.step(mc(D2), to_analysis(w, good()))  # step 1 (100%): its pods are not ready yet, 50% stays
+    assert weights() == {"sentiment-1111111111": 50, "sentiment-2222222222": 50}
+    w.ready_all()
+    w.step(mc(D2))
+    assert weights() == {"sentiment-1111111111": 0, "sentiment-2222222222": 100}
+    w.now += 10
+    plan = w.step(mc(D2), to_analysis(w, good()))
+    assert weights() == {"sentiment-2222222222": 100}
+    assert ("v1", "Service", "sentiment-1111111111") in plan.delete  # the old revision's Service goes with it
+
+
+def test_scaled_to_zero_swaps_the_revision_without_a_canary():
+    w = deployed({"rollout": CANARY})
+    w.md["spec"]["replicas"] = 0
+    w.step(mc(D1))
+    assert w.by_role("stable")["spec"]["replicas"] == 0
+    w.step(mc(D2))
+    assert w.by_role("candidate")["spec"]["replicas"] == 0
+    plan = w.step(mc(D2))
+    assert plan.status["current"]["digest"] == D2
+    assert len(w.deployments) == 1

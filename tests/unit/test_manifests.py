@@ -30,6 +30,7 @@ NAMESPACED_GRANTS = (
     | {("apps", "deployments", verb) for verb in ("list", "watch", "create", "patch", "delete")}
     | {("policy", "poddisruptionbudgets", verb) for verb in ("create", "patch")}
     | {("autoscaling", "horizontalpodautoscalers", verb) for verb in ("create", "patch", "delete")}
+    | {("gateway.networking.k8s.io", "httproutes", verb) for verb in ("create", "patch", "delete")}
     | {("", "pods", "list"), ("", "pods", "watch"), ("", "pods/log", "get"), ("", "events", "create")}
 )
 CLUSTER_SCOPED_GRANTS = {

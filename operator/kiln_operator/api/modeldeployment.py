@@ -2,6 +2,7 @@
 
 from kiln_operator.api import common
 from kiln_operator.api.schema import (
+    NAME,
     Schema,
     array,
     exactly_one,
@@ -162,6 +163,37 @@ SPEC = obj(
                 "port": integer(
                     "Service port (HTTP, Open Inference Protocol).", minimum=1, maximum=65535, default=8080
                 ),
+                "gateway": obj(
+                    "Gateway API: an HTTPRoute <name> to a Service per revision (<name>-<digest[:10]>), whose "
+                    "backend weights are the canary weights exactly (without it, the split follows replica "
+                    "ratios). Needs the Gateway API CRDs and a Gateway.",
+                    {
+                        "parentRefs": array(
+                            "Gateways (or their listeners) the route attaches to.",
+                            obj(
+                                "A Gateway.",
+                                {
+                                    "name": string("Gateway name.", pattern=NAME, max_length=253),
+                                    "namespace": string("Gateway namespace (default: ours).", pattern=NAME),
+                                    "sectionName": string("Listener name.", pattern=NAME),
+                                },
+                                required=["name"],
+                            ),
+                            min_items=1,
+                            max_items=8,
+                        ),
+                        "hostnames": array(
+                            "Host names the route serves (the first one is status.routeUrl).",
+                            string(
+                                "A host name.",
+                                pattern=r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+                                max_length=253,
+                            ),
+                            max_items=16,
+                        ),
+                    },
+                    required=["parentRefs"],
+                ),
             },
             default={},
         ),
@@ -219,7 +251,9 @@ STATUS = obj(
         "replicas": integer("Serving pods (all revisions).", minimum=0),
         "readyReplicas": integer("Ready serving pods.", minimum=0),
         "selector": string("Label selector of the serving pods (for the scale subresource and HPAs).", max_length=1024),
-        "url": string("Cluster-local URL of the Service (and the route, when one is configured).", max_length=2048),
+        "url": string("Cluster-local URL of the Service.", max_length=2048),
+        "routeUrl": string("URL through the Gateway, when service.gateway names host names.", max_length=2048),
+        "route": string("The HTTPRoute, when service.gateway is set.", max_length=253),
         "current": REVISION,
         "candidate": REVISION,
         "canaryWeight": integer("Percent of traffic on the candidate.", minimum=0, maximum=100),

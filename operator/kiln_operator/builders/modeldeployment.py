@@ -350,3 +350,63 @@ def replicas(md: Mapping[str, Any]) -> int:
     if auto:
         n = min(max(n, int(auto.get("minReplicas") or 1)), int(auto["maxReplicas"]))
     return n
+
+
+def revision_service_name(md: str, key: str) -> str:
+    return f"{base(md)}-{key}"
+
+
+def revision_service(md: Mapping[str, Any], key: str) -> Obj:
+    """With a Gateway: one Service per revision, so the HTTPRoute can weigh revisions exactly."""
+    meta, spec = md["metadata"], md.get("spec") or {}
+    port = (spec.get("service") or {}).get("port") or HTTP_PORT
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": revision_service_name(meta["name"], key),
+            "namespace": meta["namespace"],
+            "labels": labels(meta["name"], key),
+        },
+        "spec": {
+            "selector": {**selector(meta["name"]), REVISION_LABEL: key},
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def http_route(md: Mapping[str, Any], weights: Sequence[tuple[str, int]]) -> Obj:
+    """The HTTPRoute: every revision in service as a backend with its exact weight (percent)."""
+    meta, spec = md["metadata"], md.get("spec") or {}
+    svc = spec.get("service") or {}
+    gateway = svc["gateway"]
+    port = svc.get("port") or HTTP_PORT
+    route: Obj = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": labels(meta["name"])},
+        "spec": {
+            "parentRefs": [
+                {"group": "gateway.networking.k8s.io", "kind": "Gateway", **p} for p in gateway["parentRefs"]
+            ],
+            "rules": [
+                {
+                    "backendRefs": [
+                        {"name": revision_service_name(meta["name"], key), "port": port, "weight": weight}
+                        for key, weight in weights
+                    ]
+                }
+            ],
+        },
+    }
+    if gateway.get("hostnames"):
+        route["spec"]["hostnames"] = list(gateway["hostnames"])
+    return route
+
+
+def route_url(md: Mapping[str, Any]) -> str | None:
+    gateway = ((md.get("spec") or {}).get("service") or {}).get("gateway")
+    if not gateway:
+        return None
+    hosts = gateway.get("hostnames") or []
+    return f"http://{hosts[0]}" if hosts else None

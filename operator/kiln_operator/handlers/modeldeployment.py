@@ -9,6 +9,7 @@ analysis: Prometheus' HTTP API when KILN_PROMETHEUS_URL is set, else a direct sc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -79,16 +80,22 @@ class ModelDeployments(Controller):
         self.memo = memo  # memo.modelcompressions / memo.trainingjobs: their caches hold the sources
         self.refs: dict[tuple[str, str, str], set[Key]] = {}  # (namespace, kind, name) -> ModelDeployments
         self.prometheus = am.Prometheus(prometheus_url) if prometheus_url else None
-        self.applied: dict[Key, Any] = {}  # generation whose Service, PDB and HPA were applied, per object
+        self.applied: dict[Key, Any] = {}  # the generation whose children were last applied, per object
+        self.sent: dict[tuple[Key, str, str], str] = {}  # (object, kind, name) -> what we last applied
         self.fresh: dict[Key, dict[str, dict[str, Any]]] = {}  # Deployments we applied, newer than the watch
         self.baselines: dict[tuple[Key, str, int, int], dict[str, am.Counters]] = {}  # direct-scrape windows
+        self.failed: dict[tuple[Key, str, int, int], float] = {}  # baselines that could not be read, until when
 
     def forget(self, key: Key) -> None:
         super().forget(key)
         self.applied.pop(key, None)
         self.fresh.pop(key, None)
+        for k in [k for k in self.sent if k[0] == key]:
+            del self.sent[k]
         for k in [k for k in self.baselines if k[0] == key]:
             del self.baselines[k]
+        for k in [k for k in self.failed if k[0] == key]:
+            del self.failed[k]
 
     @staticmethod
     def source_ref(body: dict[str, Any] | kopf.Body) -> tuple[str, str] | None:
@@ -140,26 +147,29 @@ class ModelDeployments(Controller):
         if due is not None:
             due = await self.measure(key, body, deployments, pods, due)
         plan = life.decide(body, self.source(key, body), deployments, pods, now, self.config, due)
-        generation = body["metadata"].get("generation")
-        if self.applied.get(key) != generation:
-            static = [b.service(body), b.pod_disruption_budget(body)]
-            if (body.get("spec") or {}).get("autoscaling"):
-                static.append(b.autoscaler(body))
-            else:
-                plan.delete.append(("autoscaling/v2", "HorizontalPodAutoscaler", b.base(key[1])))
-            plan.apply[:0] = static
+        static = [b.service(body), b.pod_disruption_budget(body)]
+        if (body.get("spec") or {}).get("autoscaling"):
+            static.append(b.autoscaler(body))
+        elif self.applied.get(key) != body["metadata"].get("generation"):
+            plan.delete.append(("autoscaling/v2", "HorizontalPodAutoscaler", b.base(key[1])))
+        plan.apply += static  # after the Deployments: their pods start first
         return plan
 
     async def apply(self, key: Key, body: dict[str, Any], plan: Plan) -> None:
         namespace = key[0]
         for obj in plan.apply:
             kopf.adopt(obj, owner=body, strict=True, nested="spec.template")
+            mark, text = (key, obj["kind"], obj["metadata"]["name"]), json.dumps(obj, sort_keys=True)
+            if obj["kind"] != "Deployment" and self.sent.get(mark) == text:
+                continue  # applied as is already (children other than Deployments are not watched)
             applied = await self.client.apply(obj)
+            self.sent[mark] = text
             if obj["kind"] == "Deployment":
                 entry = {"obj": trim_deployment(applied), "when": time.monotonic()}
                 self.fresh.setdefault(key, {})[obj["metadata"]["name"]] = entry
         for api_version, kind, name in plan.delete:
             await self.client.delete(api_version, kind, namespace, name)
+            self.sent.pop((key, kind, name), None)
             if kind == "Deployment":
                 gone = {"obj": {"metadata": {"name": name, "resourceVersion": "0"}, "deleted": True}}
                 self.fresh.setdefault(key, {})[name] = {**gone, "when": time.monotonic()}
@@ -185,17 +195,23 @@ class ModelDeployments(Controller):
         """Without Prometheus, a canary step's window starts with a scrape of its pods' counters."""
         if self.prometheus is not None:
             return
+        live = {(r.number, r.step) for r in life.revisions(deployments) if r.role == "candidate"}
+        for table in (self.baselines, self.failed):
+            for k in [k for k in table if k[0] == key and (k[2], k[3]) not in live]:
+                del table[k]  # windows of steps and revisions that are over
         for rev in life.revisions(deployments):
             if rev.role != "candidate" or rev.step_started is None:
                 continue
             _, stable = self._revision_keys(deployments, rev.number)
             for which in (rev.key, stable):
                 mark = (key, which or "", rev.number, rev.step)
-                if which and mark not in self.baselines:
-                    try:
-                        self.baselines[mark] = await am.scrape(self._targets(pods, which))
-                    except am.AnalysisUnavailable as e:
-                        log.info("no baseline for %s/%s revision %s: %s", *key, which, e)
+                if not which or mark in self.baselines or time.monotonic() < self.failed.get(mark, 0):
+                    continue
+                try:
+                    self.baselines[mark] = await am.scrape(self._targets(pods, which))
+                except am.AnalysisUnavailable as e:
+                    self.failed[mark] = time.monotonic() + 30  # unreachable pods: not on every pass
+                    log.info("no baseline for %s/%s revision %s: %s", *key, which, e)
 
     async def measure(
         self, key: Key, body: dict[str, Any], deployments: list[dict[str, Any]], pods: list[Any], due: life.Analysis

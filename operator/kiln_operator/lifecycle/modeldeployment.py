@@ -287,6 +287,11 @@ class _Pass:
     plan: Plan
     conds: list[Condition] = field(default_factory=list)
     history: list[Obj] = field(default_factory=list)
+    route_weight: int = 0  # the candidate's weight on the HTTPRoute, when there is a Gateway
+
+    @property
+    def gateway(self) -> bool:
+        return bool(((self.md.get("spec") or {}).get("service") or {}).get("gateway"))
 
     def deployment(self, art: Mapping[str, Any], key: str, number: int, role: str, replicas: int, **notes: str) -> Obj:
         return b.deployment(
@@ -319,6 +324,8 @@ class _Pass:
 
     def delete(self, rev: Revision) -> None:
         self.plan.delete.append(("apps/v1", "Deployment", rev.name))
+        if self.gateway:
+            self.plan.delete.append(("v1", "Service", b.revision_service_name(self.md["metadata"]["name"], rev.key)))
 
     def record(self, rev: Revision, outcome: str, reason: str) -> None:
         self.history.append(
@@ -349,7 +356,7 @@ def decide(
     p = _Pass(md, now, config, Plan(status=status))
     n = b.replicas(md)
     rollout = spec.get("rollout") or {}
-    canary = rollout.get("strategy") == "Canary"
+    canary = rollout.get("strategy") == "Canary" and n > 0  # scaled to zero: no traffic to analyse
 
     revs = revisions(deployments)
     stables = [r for r in revs if r.role == "stable"]
@@ -430,7 +437,7 @@ def decide(
     # A rollout in progress.
     fatal = [x for x in problems(candidate) if x[0] in FATAL]
     deadline = int(rollout.get("progressDeadlineSeconds", 600))
-    steps = rollout.get("steps") or [{"weight": 100}]
+    steps = (rollout.get("steps") if canary else None) or [{"weight": 100}]
     step = min(candidate.step, len(steps) - 1)
     weight = int(steps[step]["weight"]) if canary else 100
     want_c, want_s = step_replicas(n, weight) if canary else (n, 0)
@@ -475,6 +482,8 @@ def decide(
         notes[b.STEP_STARTED_ANNOTATION] = str(int(now))
     wake: list[float] = [candidate.entered + deadline] if not step_ready else []
     passed, approval = False, None
+    # With a Gateway the weight is exact: the step's weight once its pods are ready, the previous one until then.
+    p.route_weight = weight if step_ready and canary else (int(steps[step - 1]["weight"]) if canary and step else 0)
     if step_ready and not canary:
         passed = True
     elif step_ready and candidate.step_started is not None:
@@ -580,11 +589,25 @@ def _report(
         status["canaryStep"] = candidate.step if steps else 0
         both = candidate.ready + (stable.ready if stable else 0)
         status["canaryWeight"] = round(100 * candidate.ready / both) if both else 0
+        if p.gateway:
+            status["canaryWeight"] = p.route_weight
     else:
         status.pop("canaryStep", None)
         status["canaryWeight"] = 0
     if p.history:
         status["history"] = [*(old.get("history") or []), *p.history][-HISTORY:]
+    if p.gateway and stable is not None:
+        # A Service per revision in service, and the route's exact weights over them.
+        weights = [(stable.key, 100 - (p.route_weight if candidate else 0))]
+        if candidate is not None:
+            weights.append((candidate.key, p.route_weight))
+        p.plan.apply += [b.revision_service(md, key) for key, _ in weights] + [b.http_route(md, weights)]
+        status["route"] = b.base(md["metadata"]["name"])
+        status["routeUrl"] = b.route_url(md)
+    elif not p.gateway and status.pop("route", None):
+        p.plan.delete.append(("gateway.networking.k8s.io/v1", "HTTPRoute", b.base(md["metadata"]["name"])))
+    if status.get("routeUrl") is None:
+        status.pop("routeUrl", None)
 
     issues = [x for pod in pods if (x := pod_problem(pod))]
     if issues:
