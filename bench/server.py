@@ -12,8 +12,11 @@ runtime of its own any more), adaptive batching on with the same max batch size 
 batcher sends batches off without waiting for the running one, so it needs a window; Kiln's greedy batcher takes
 what queued while the previous batch ran, with no added delay), default ``parallel_workers`` (1: inference in a
 worker process); KServe 0.21.0 ``kserve.Model`` subclass with that session (KServe's Python server has no
-batcher: batching is its Go agent's job). The load generator is one separate process for all servers: asyncio,
-one HTTP/1.1 keep-alive connection per client, closed loop, the same request bodies.
+batcher: batching is its Go agent's job). Kiln runs ``--kiln-instances`` (2) batches at a time on one session of
+``--threads / --kiln-instances`` threads, the same number of ORT threads in all as each peer's session; the raw
+limit is measured both ways (one caller on a ``--threads`` session, and that many concurrent callers on a session
+of Kiln's threads per instance) and the higher counts. The load generator is one separate process for all servers:
+asyncio, one HTTP/1.1 keep-alive connection per client, closed loop, the same request bodies.
 """
 
 # ruff: noqa: E402
@@ -123,8 +126,9 @@ RAW_CODE = textwrap.dedent(
     import json, random, sys, time
     sys.path.insert(0, sys.argv[1])
     from kiln_bench_session import make_session, make_tokenizer, feeds
+    import threading
     model, tokenizer, threads, seconds = sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-    sentences, sizes = json.loads(sys.argv[6]), json.loads(sys.argv[7])
+    sentences, sizes, callers = json.loads(sys.argv[6]), json.loads(sys.argv[7]), int(sys.argv[8])
     sess = make_session(model, threads)
     tok = make_tokenizer(tokenizer, 128)
     rng = random.Random(0)
@@ -132,11 +136,22 @@ RAW_CODE = textwrap.dedent(
     for batch in sizes:
         batches = [feeds(tok, [rng.choice(sentences) for _ in range(batch)]) for _ in range(16)]
         sess.run(["logits"], batches[0])
-        n, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            sess.run(["logits"], batches[n % len(batches)])
-            n += 1
-        out[batch] = n * batch / (time.perf_counter() - started)
+        counts = [0] * callers
+        started = time.perf_counter()
+
+        def loop(i):  # `callers` threads run the one session at the same time (ORT releases the GIL)
+            n = i
+            while time.perf_counter() - started < seconds:
+                sess.run(["logits"], batches[n % len(batches)])
+                n += 1
+                counts[i] += 1
+
+        pool = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        out[batch] = sum(counts) * batch / (time.perf_counter() - started)
     print(json.dumps(out))
     """
 )
@@ -409,6 +424,11 @@ class Server:
                 self.proc.wait(10)
 
 
+def kiln_threads(args: argparse.Namespace) -> int:
+    """Kiln's ORT threads per instance: the peers' thread budget (``--threads``) split over its instances."""
+    return max(1, args.threads // args.kiln_instances)
+
+
 def kiln_server(work: Path, uri: str, args: argparse.Namespace) -> Server:
     port, mport = free_port(), free_port()
     env = {
@@ -418,9 +438,10 @@ def kiln_server(work: Path, uri: str, args: argparse.Namespace) -> Server:
         "TOKENIZERS_PARALLELISM": "false",
     }
     cmd = [PY, "-m", "kiln_server", "--model-uri", uri, "--model-name", "minilm", "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(mport), "--intra-op-threads", str(args.threads),
-           "--max-batch-size", str(args.max_batch), "--max-queue-delay-ms", str(args.max_delay_ms),
-           "--max-queue-size", "1024", "--shutdown-delay-s", "0", "--log-level", "warning"]  # fmt: skip
+           "--port", str(port), "--metrics-port", str(mport), "--intra-op-threads", str(kiln_threads(args)),
+           "--instances", str(args.kiln_instances), "--max-batch-size", str(args.max_batch),
+           "--max-queue-delay-ms", str(args.max_delay_ms), "--max-queue-size", "1024", "--shutdown-delay-s", "0",
+           "--log-level", "warning"]  # fmt: skip
     return Server("kiln", cmd, port, "/v2/models/minilm/infer", f"http://127.0.0.1:{port}/v2/health/ready", env, work)
 
 
@@ -469,6 +490,13 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=9.0, help="measured seconds per server and level")
     p.add_argument("--rounds", type=int, default=3, help="turns the measured seconds are split into (interleaved)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads, every server")
+    p.add_argument(
+        "--kiln-instances",
+        type=int,
+        default=2,
+        help="Kiln's --instances; its ORT threads per instance are --threads divided by it, so that it uses as many "
+        "ORT threads in all as each peer's one session (default 2: two batches of one thread each at a time)",
+    )
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=0.0)
     p.add_argument(
@@ -500,21 +528,33 @@ def main() -> int:
     model, tok = art_dir / "model.onnx", art_dir / "tokenizer.json"
     pys = {name: ensure_venv(name) for name in peers}
 
-    def raw_ort(sizes: list[int], seconds: float) -> dict[int, float]:
-        cmd = [PY, "-c", RAW_CODE, str(work), str(model), str(tok), str(args.threads), str(seconds),
-               json.dumps(SENTENCES), json.dumps(sizes)]  # fmt: skip
+    # Two raw limits: one caller on a session of --threads threads (what the peers run), and as many concurrent
+    # callers as Kiln has instances on a session of Kiln's threads per instance (what Kiln runs). The raw limit of a
+    # round is the higher one.
+    layouts = {"1x" + str(args.threads): (args.threads, 1)}
+    if args.kiln_instances > 1:
+        layouts[f"{args.kiln_instances}x{kiln_threads(args)}"] = (kiln_threads(args), args.kiln_instances)
+
+    def raw_ort(layout: str, sizes: list[int], seconds: float) -> dict[int, float]:
+        threads, callers = layouts[layout]
+        cmd = [PY, "-c", RAW_CODE, str(work), str(model), str(tok), str(threads), str(seconds),
+               json.dumps(SENTENCES), json.dumps(sizes), str(callers)]  # fmt: skip
         out = subprocess.run(
             cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
         )
         raw = {int(k): v for k, v in json.loads(out.stdout).items()}
         if len(sizes) > 1:
-            log("raw ORT samples/s by batch: " + ", ".join(f"{b}: {v:.0f}" for b, v in raw.items()))
+            log(f"raw ORT {layout} samples/s by batch: " + ", ".join(f"{b}: {v:.0f}" for b, v in raw.items()))
         return raw
 
-    log(f"raw ONNX Runtime loop (session.run on pre-tokenized batches, {args.threads} threads): batch size sweep")
-    sweep = raw_ort([1, 4, 8, 16, 32, 64], 2.0)
-    best_batch = max(sweep, key=lambda b: sweep[b])
+    sweeps: dict[str, dict[int, float]] = {}
+    for layout, (threads, callers) in layouts.items():
+        log(f"raw ONNX Runtime loop (session.run on pre-tokenized batches, {callers} caller(s) x {threads} threads): "
+            "batch size sweep")  # fmt: skip
+        sweeps[layout] = raw_ort(layout, [1, 4, 8, 16, 32, 64], 2.0)
+    best_batch = {layout: max(sw, key=lambda b: sw[b]) for layout, sw in sweeps.items()}
     raw_rounds: dict[int, float] = {}
+    raw_rounds_by: dict[str, dict[int, float]] = {layout: {} for layout in layouts}
 
     servers: list[tuple[str, Any]] = [("kiln", lambda: kiln_server(work, uri, args))]
     if "mlserver" in peers:
@@ -537,13 +577,18 @@ def main() -> int:
         for c in levels:
             # Interleaved: the raw limit (at its best batch size) and every server, in short turns, several rounds,
             # so that the drifting load of this shared machine weighs on all of them alike.
-            raws, runs = [], {name: [] for name in running}
+            raws: dict[str, list[float]] = {layout: [] for layout in layouts}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in running}
             for _ in range(args.rounds):
-                raws.append(raw_ort([best_batch], args.seconds / args.rounds / 2)[best_batch])
+                for layout in layouts:
+                    b = best_batch[layout]
+                    raws[layout].append(raw_ort(layout, [b], args.seconds / args.rounds / 2)[b])
                 for name, server in running.items():
                     runs[name].append(run_load(work, server.port, server.path, mode="closed", clients=c, warmup=1.0,
                                                seconds=args.seconds / args.rounds))  # fmt: skip
-            raw_rounds[c] = statistics.mean(raws)
+            for layout in layouts:
+                raw_rounds_by[layout][c] = statistics.mean(raws[layout])
+            raw_rounds[c] = max(raw_rounds_by[layout][c] for layout in layouts)
             for name in running:
                 r = results[name][c] = merge(runs[name])
                 log(
@@ -561,7 +606,7 @@ def main() -> int:
                 f"p50 {r['p50']:.1f} ms  p99 {r['p99']:.1f} ms  errors {int(r['errors'])}"
             )
 
-    raw_limit = max([sweep[best_batch], *raw_rounds.values()])
+    raw_limit = max([*(sweeps[layout][best_batch[layout]] for layout in layouts), *raw_rounds.values()])
 
     # ------------------------------------------------------------------------------------------------ summary
     print()
@@ -570,10 +615,14 @@ def main() -> int:
     print(f"host: {os.cpu_count()} CPUs, load average at the end {loadavg()}; total run {total:.0f} s")
     print("first logits for the same sentence: " + ", ".join(f"{k} {v}" for k, v in answers.items()))
     print()
-    swept = ", ".join(f"b{b} {v:.0f}" for b, v in sweep.items())
-    rounds = ", ".join(f"{v:.0f}" for v in raw_rounds.values())
-    print(f"raw ONNX Runtime limit (samples/s): sweep {swept}; best batch {best_batch}, measured again in each round: "
-          f"{rounds}; highest {raw_limit:.1f}")  # fmt: skip
+    for layout, (threads, callers) in layouts.items():
+        swept = ", ".join(f"b{b} {v:.0f}" for b, v in sweeps[layout].items())
+        rounds = ", ".join(f"{v:.0f}" for v in raw_rounds_by[layout].values())
+        print(f"raw ONNX Runtime, {callers} caller(s) x {threads} threads (samples/s): sweep {swept}; best batch "
+              f"{best_batch[layout]}, measured again at each level: {rounds}")  # fmt: skip
+    print(f"raw ONNX Runtime limit: highest of all {raw_limit:.1f} samples/s")
+    print(f"kiln: --instances {args.kiln_instances} --intra-op-threads {kiln_threads(args)}; peers: one session of "
+          f"{args.threads} threads")  # fmt: skip
     print()
     print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|")

@@ -1,12 +1,19 @@
 """Dynamic batching: requests queue up (bounded), a worker merges them up to ``max_batch_size`` samples or until
 the oldest has waited ``max_queue_delay``, runs the batch in an executor thread (ONNX Runtime releases the GIL,
-so the event loop keeps parsing requests meanwhile) and hands each request its own rows back."""
+so the event loop keeps parsing requests meanwhile) and hands each request its own rows back.
+
+With more than one instance and no queue delay, a worker takes only its share of what is queued: ``ceil(queued
+samples / idle instances)`` (itself included), at most ``max_batch_size``. A burst that finds several instances
+idle is spread over them, which run at the same time, instead of riding in one long batch while the others idle;
+when the other instances are busy, the worker takes everything (up to ``max_batch_size``), as one instance
+does, so merging under load is unchanged. With a queue delay, batches fill up to ``max_batch_size`` as asked."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -109,10 +116,19 @@ class Batcher:
                 if not self._queue and self._running == 0:
                     self._idle.set()
 
+    def share(self) -> int:
+        """Samples the worker about to take a batch takes: up to ``max_batch_size`` with one instance or a queue
+        delay, else its share of the queue among the idle instances (itself included: it is not running yet)."""
+        idle = self.instances - self._running
+        if idle <= 1 or self.max_queue_delay > 0:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, math.ceil(self._queued_samples / idle)))
+
     def _take(self, now: float) -> list[Job]:
         batch: list[Job] = []
         total = 0
         queue = self._queue
+        limit = self.share()
         while queue:
             job = queue[0]
             if job.future.done():  # the client gave up (deadline) or went away
@@ -124,7 +140,7 @@ class Batcher:
                 self._queued_samples -= job.size
                 job.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
                 continue
-            if total + job.size > self.max_batch_size:
+            if batch and total + job.size > limit:  # the first job always fits (prepare() checked its size)
                 break
             queue.popleft()
             self._queued_samples -= job.size

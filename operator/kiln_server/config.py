@@ -117,7 +117,11 @@ OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "allow_spinning": ("KILN_SERVER_ALLOW_SPINNING", _bool, "let ORT worker threads spin between runs (default off)"),
     "graph_optimization": ("KILN_SERVER_GRAPH_OPTIMIZATION", _choice(GRAPH_LEVELS), "ORT graph optimisation level"),
     "trt_cache_dir": ("KILN_SERVER_TRT_CACHE_DIR", _text, "TensorRT engine cache (default /tmp/kiln-trt-cache)"),
-    "instances": ("KILN_SERVER_INSTANCES", _positive_int, "batches run at the same time (default 1)"),
+    "instances": (
+        "KILN_SERVER_INSTANCES",
+        _positive_int,
+        "batches run at the same time, each taking its share of the queue (CPU: one per core, 1 intra-op thread)",
+    ),
     "max_batch_size": ("KILN_SERVER_MAX_BATCH_SIZE", _positive_int, "largest merged batch, in samples (default 32)"),
     "text_bucket_size": (
         "KILN_SERVER_TEXT_BUCKET_SIZE",

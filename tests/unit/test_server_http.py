@@ -312,3 +312,37 @@ def test_bad_text_inputs(text_server: ServerProcess):
     )
     assert status == 400
     assert "element 0 is not UTF-8" in json.loads(raw)["error"]
+
+
+def test_two_instances_on_the_text_model_give_exact_results(
+    text: tuple[np.ndarray, Path], tmp_path_factory: pytest.TempPathFactory
+):
+    """--instances 2 (the CPU layout the benchmark uses, one intra-op thread each) on the real text model: two
+    executor threads share the one session and the queue (the batcher tests show the shares); every request still
+    gets exactly its own rows, and the batches hold every sample once."""
+    expected = text[0]
+    tmp = tmp_path_factory.mktemp("text-server-2")
+    server = ServerProcess(tmp, f"file://{text[1]}", "--max-batch-size", "8", "--instances", "2", name="twice")
+    try:
+        server.start().wait_ready()
+        before = server.metrics()
+        order = [i % len(SENTENCES) for i in range(3 * len(SENTENCES))]
+        with ThreadPoolExecutor(len(order)) as pool:
+            answers = list(pool.map(lambda i: server.infer(text_request([SENTENCES[i]])), order))
+        for (status, doc), i in zip(answers, order, strict=True):
+            assert status == 200, doc
+            np.testing.assert_allclose(doc["outputs"][0]["data"], expected[i], atol=2e-4)
+        after = server.metrics()
+
+        def delta(name: str) -> float:
+            return counter(after, name, model="twice") - counter(before, name, model="twice")
+
+        assert delta("kiln_server_batch_size_sum") == len(order)
+        assert len(order) / 8 <= delta("kiln_server_batch_size_count") <= len(order)
+        ok = counter(after, "kiln_server_requests_total", model="twice", code="200")
+        assert ok - counter(before, "kiln_server_requests_total", model="twice", code="200") == len(order)
+        assert counter(after, "kiln_server_queue_depth", model="twice") == 0
+        config = json.loads(server.request("GET", "/v2/models/twice/config")[2])
+        assert config["instance_group"] == [{"count": 2}]
+    finally:
+        assert server.terminate() == 0, server.log
