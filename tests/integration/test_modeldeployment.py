@@ -453,3 +453,50 @@ def test_canary_follows_promotions_promotes_on_good_metrics_and_rolls_back_on_ba
     # The servers really saw the traffic the analysis judged: good ones only 200s, the broken one 500s.
     assert set(load.codes[procs[1].port]) == {200}
     assert load.codes[procs[2].port].get(500, 0) > 0
+
+
+def test_manual_step_approved_while_the_operator_is_down_completes_after_restart(
+    cluster: Cluster, crds: None, namespace: str, tmp_path: Path, monkeypatch
+):
+    """The rollout state lives on the revisions' Deployments: a new operator process (empty memory) picks the
+    canary up where the old one left it, and a person's approval given meanwhile takes effect."""
+    require_prometheus()
+    d2 = "sha256:" + "d" * 64
+    canary = {
+        "strategy": "Canary",
+        "steps": [{"weight": 50, "pauseSeconds": 0}, {"weight": 100}],
+        # No traffic to these kwok pods: an empty window passes when no minimum is asked for.
+        "analysis": {"intervalSeconds": 5, "minRequests": 0},
+    }
+    with run_prometheus(tmp_path, []) as prometheus:
+        monkeypatch.setenv("KILN_PROMETHEUS_URL", prometheus)
+        with run_operator(f"--namespace={namespace}"):
+            apply(cluster, namespace, serving("manual", rollout=canary))
+            wait_for(lambda: status(cluster, namespace, "md/manual").get("phase") == "Ready", what="v1 Ready")
+            patch = {"spec": {"source": {"uri": "file:///models/v2", "digest": d2}}}
+            cluster.kubectl("patch", "-n", namespace, "md/manual", "--type=merge", "-p", json.dumps(patch))
+            st = wait_for(
+                lambda: (
+                    condition(s := status(cluster, namespace, "md/manual"), "Progressing").get("reason")
+                    == "AwaitingApproval"
+                    and s
+                ),
+                what="step 1 awaiting approval",
+                timeout=90,
+            )
+            assert st["canaryStep"] == 1
+            assert f"kiln.dev/approve={d2[7:19]}/1" in condition(st, "Progressing")["message"]
+        # The operator is gone; a person approves step 1.
+        cluster.kubectl("annotate", "-n", namespace, "md/manual", f"kiln.dev/approve={d2[7:19]}/1")
+        with run_operator(f"--namespace={namespace}"):
+            st = wait_for(
+                lambda: (
+                    (s := status(cluster, namespace, "md/manual")).get("current", {}).get("digest") == d2
+                    and s.get("phase") == "Ready"
+                    and s
+                ),
+                what="v2 promoted after the restart",
+                timeout=60,
+            )
+    assert [h["outcome"] for h in st["history"]].count("Promoted") == 1
+    assert [d["metadata"]["name"] for d in deployments(cluster, namespace, "manual")] == ["manual-dddddddddd"]
