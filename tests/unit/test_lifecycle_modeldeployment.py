@@ -341,6 +341,19 @@ def test_server_deployment_is_hardened_and_wired():
     assert env["KILN_MODEL_NAME"] == "sentiment"
     assert env["KILN_SERVER_MAX_BATCH_SIZE"] == "16"
     assert env["KILN_SERVER_INTRA_OP_THREADS"] == "2"  # the CPU request, not the node's cores
+    assert env["KILN_SERVER_INSTANCES"] == "1"
+    two = b.deployment(
+        md(runtime={"image": "x", "instances": 2, "intraOpThreads": 1}),
+        "k",
+        uri="file:///m",
+        digest=None,
+        number=1,
+        role="stable",
+        replicas=1,
+        created=0,
+    )
+    two_env = {e["name"]: e.get("value") for e in two["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (two_env["KILN_SERVER_INSTANCES"], two_env["KILN_SERVER_INTRA_OP_THREADS"]) == ("2", "1")
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True

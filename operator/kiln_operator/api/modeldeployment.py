@@ -95,6 +95,13 @@ SPEC = obj(
                 "interOpThreads": integer(
                     "ONNX Runtime inter-op threads (0: default).", minimum=0, maximum=256, default=0
                 ),
+                "instances": integer(
+                    "Batches run at the same time. On CPU, one per core with intraOpThreads 1 serves bursts best "
+                    "(images/server/README.md, Dynamic batching).",
+                    minimum=1,
+                    maximum=64,
+                    default=1,
+                ),
             },
             required=["image"],
         ),

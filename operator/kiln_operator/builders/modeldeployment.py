@@ -118,6 +118,7 @@ def _server_env(md: Mapping[str, Any], uri: str, digest: str | None) -> list[Obj
         "KILN_SERVER_MAX_QUEUE_SIZE": str(runtime.get("maxQueueSize") or 256),
         "KILN_SERVER_INTRA_OP_THREADS": str(_threads(spec)),
         "KILN_SERVER_INTER_OP_THREADS": str(runtime.get("interOpThreads") or 1),
+        "KILN_SERVER_INSTANCES": str(runtime.get("instances") or 1),
     }
     if digest:
         env["KILN_MODEL_DIGEST"] = digest  # the server refuses to start on any other artifact
