@@ -12,7 +12,7 @@ from typing import Any
 from kiln_artifacts.k8s import pvc_volume
 from kiln_artifacts.uri import parse_uri
 
-from kiln_operator.builders.trainingjob import CONTAINER_SECURITY, GPU, POD_SECURITY, container_resources, merge
+from kiln_operator.builders.trainingjob import CONTAINER_SECURITY, POD_SECURITY, container_resources, merge, placement
 
 Obj = dict[str, Any]
 CONTAINER = "compressor"
@@ -133,14 +133,7 @@ def compressor_job(
         "containers": [container],
         "volumes": [*volumes, {"name": "tmp", "emptyDir": {}}],
     }
-    for k in ("nodeSelector", "affinity", "priorityClassName"):
-        if scheduling.get(k):
-            pod_spec[k] = copy.deepcopy(scheduling[k])
-    tolerations = copy.deepcopy(list(scheduling.get("tolerations") or []))
-    if (spec.get("resources") or {}).get("gpus"):
-        tolerations.append({"key": GPU, "operator": "Exists", "effect": "NoSchedule"})
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
+    pod_spec.update(placement(spec))
     pod_labels = labels(mc, key, attempt)
     pod_meta: Obj = {"labels": dict(pod_labels)}
     override = spec.get("podTemplate") or {}

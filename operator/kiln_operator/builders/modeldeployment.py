@@ -20,11 +20,11 @@ from kiln_artifacts.uri import parse_uri
 
 from kiln_operator.builders.trainingjob import (
     CONTAINER_SECURITY,
-    GPU,
     POD_SECURITY,
     container_resources,
     dns_label,
     merge,
+    placement,
 )
 from kiln_operator.resources import MODEL_DEPLOYMENT
 
@@ -162,7 +162,6 @@ def deployment(
     kiln_env = _server_env(md, uri, digest) + [dict(e) for e in pvc_env]
     kiln_names = {e["name"] for e in kiln_env}
     user_env = [dict(e) for e in artifact_env]
-    gpus = (spec.get("resources") or {}).get("gpus") or 0
     volumes = [*pvc_volumes, {"name": "tmp", "emptyDir": {}}]  # read-only root: TensorRT cache, temp files
     mounts = [*pvc_mounted, {"name": "tmp", "mountPath": "/tmp"}]
 
@@ -192,11 +191,6 @@ def deployment(
         "volumeMounts": mounts,
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
-    scheduling = spec.get("scheduling") or {}
-    tolerations = copy.deepcopy(list(scheduling.get("tolerations") or []))
-    gpu_toleration = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
-    if gpus and gpu_toleration not in tolerations:
-        tolerations.append(gpu_toleration)
     pod_spec: Obj = {
         "enableServiceLinks": False,
         # The server's shutdown delay (3 s) plus its grace period (25 s) fit: a scale-down drops no request.
@@ -206,11 +200,7 @@ def deployment(
         "containers": [container],
         "volumes": volumes,
     }
-    for k in ("nodeSelector", "affinity", "priorityClassName"):
-        if scheduling.get(k):
-            pod_spec[k] = copy.deepcopy(scheduling[k])
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
+    pod_spec.update(placement(spec))
     pod_labels = labels(name, key)
     pod_meta: Obj = {
         "labels": dict(pod_labels),

@@ -217,6 +217,21 @@ def _kiln_env(body: Mapping[str, Any], image: str, master: str, pvc_env: Sequenc
     return env + [dict(e) for e in pvc_env]  # KILN_PVC_ROOT: where the claims are mounted
 
 
+def placement(spec: Mapping[str, Any]) -> Obj:
+    """The pod spec fields of spec.scheduling, plus the GPU toleration when GPUs are asked for."""
+    scheduling = spec.get("scheduling") or {}
+    out = {
+        k: copy.deepcopy(scheduling[k]) for k in ("nodeSelector", "affinity", "priorityClassName") if scheduling.get(k)
+    }
+    tolerations = copy.deepcopy(list(scheduling.get("tolerations") or []))
+    gpu = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
+    if (spec.get("resources") or {}).get("gpus") and gpu not in tolerations:
+        tolerations.append(gpu)
+    if tolerations:
+        out["tolerations"] = tolerations
+    return out
+
+
 def container_resources(spec: Mapping[str, Any]) -> Obj:
     res = spec.get("resources") or {}
     fixed = {k: res[k] for k in ("cpu", "memory") if res.get(k) is not None}
@@ -280,7 +295,6 @@ def indexed_job(
     # Index 0's stable DNS name through the headless Service; one node needs no DNS (and no Service lookup).
     master = f"{name}-0.{service_name(tj)}" if nodes > 1 else "127.0.0.1"
     scheduling = spec.get("scheduling") or {}
-    gpus = (spec.get("resources") or {}).get("gpus") or 0
 
     pvc_volumes, pvc_mounted, pvc_env = pvc_mounts(spec)
     volumes = [
@@ -309,10 +323,6 @@ def indexed_job(
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
-    tolerations = copy.deepcopy(list(scheduling.get("tolerations") or []))
-    gpu_toleration = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
-    if gpus and gpu_toleration not in tolerations:
-        tolerations.append(gpu_toleration)
     pod_spec: Obj = {
         "restartPolicy": "Never",
         "subdomain": service_name(tj),
@@ -323,11 +333,7 @@ def indexed_job(
         "containers": [container],
         "volumes": volumes,
     }
-    for key in ("nodeSelector", "affinity", "priorityClassName"):
-        if scheduling.get(key):
-            pod_spec[key] = copy.deepcopy(scheduling[key])
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
+    pod_spec.update(placement(spec))
     pod_labels = labels(tj, attempt)
     pod_meta: Obj = {"labels": dict(pod_labels)}
 
