@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/server.py                    # everything (creates bench/.venv-mlserver, -kserve if missing)
     .venv/bin/python bench/server.py --peers none       # raw ORT + Kiln only
+    .venv/bin/python bench/server.py --peer-layout single  # peers in one worker of 2 threads (not like for like)
 
 Model: the packaged MiniLM (all-MiniLM-L6-v2, 22.7 M parameters) with a 2-class head, exported to ONNX (fp32) as
 a kiln artifact (tests/server_support.py). Every server receives raw text (one sentence per request, OIP JSON
@@ -10,10 +11,16 @@ ONNX Runtime session built with the same options (intra-op threads, inter-op 1, 
 optimisations). Peers: MLServer 1.7.1 with a custom ``MLModel`` wrapping that session (MLServer has no ONNX Runtime
 runtime of its own any more), adaptive batching on with the same max batch size and a 10 ms max_batch_time (its
 batcher sends batches off without waiting for the running one, so it needs a window; Kiln's greedy batcher takes
-what queued while the previous batch ran, with no added delay), default ``parallel_workers`` (1: inference in a
-worker process); KServe 0.21.0 ``kserve.Model`` subclass with that session (KServe's Python server has no
-batcher: batching is its Go agent's job). Kiln runs ``--kiln-instances`` (2) batches at a time on one session of
-``--threads / --kiln-instances`` threads, the same number of ORT threads in all as each peer's session; the raw
+what queued while the previous batch ran, with no added delay); KServe 0.21.0 ``kserve.Model`` subclass with that
+session (KServe's Python server has no batcher: batching is its Go agent's job). ``--peer-layout single``:
+each peer runs one worker (MLServer ``parallel_workers`` 1: inference in one worker process; KServe ``workers`` 1)
+with one session of ``--threads`` threads; ``--peer-layout matched`` (default): Kiln's layout,
+``--kiln-instances`` workers
+(MLServer ``parallel_workers``, batches dispatched round robin; KServe ``--workers``, uvicorn processes sharing the
+listening socket, connections spread by the kernel) each with a session of ``--threads / --kiln-instances``
+threads; the peers' model code counts what each worker process served (printed). Kiln runs ``--kiln-instances``
+(2) batches at a time on one session of ``--threads / --kiln-instances`` threads, the same number of ORT threads in
+all as each peer; the raw
 limit is measured both ways (one caller on a ``--threads`` session, and that many concurrent callers on a session
 of Kiln's threads per instance) and the higher counts. The load generator is one separate process for all servers:
 asyncio, one HTTP/1.1 keep-alive connection per client, closed loop, the same request bodies.
@@ -89,7 +96,7 @@ def loadavg() -> str:
 # --------------------------------------------------------------------------------------------- the ORT session
 SESSION_CODE = textwrap.dedent(
     """
-    import json, numpy as np, onnxruntime as ort
+    import json, os, time, numpy as np, onnxruntime as ort
     from tokenizers import Tokenizer
 
     def make_session(model_path, threads):
@@ -107,6 +114,21 @@ SESSION_CODE = textwrap.dedent(
         tok.no_padding()
         tok.enable_truncation(max_len)
         return tok
+
+    _served = {"calls": 0, "samples": 0, "written": 0.0}
+
+    def served(n):
+        # Per-process counts under $KILN_BENCH_SERVED/<pid>.json (written at most every 0.5 s): which workers serve.
+        d = os.environ.get("KILN_BENCH_SERVED")
+        if not d:
+            return
+        _served["calls"] += 1
+        _served["samples"] += n
+        now = time.monotonic()
+        if now - _served["written"] > 0.5:
+            _served["written"] = now
+            with open(f"{d}/{os.getpid()}.json", "w") as f:
+                json.dump({"calls": _served["calls"], "samples": _served["samples"]}, f)
 
     def feeds(tok, texts):
         enc = tok.encode_batch(texts)
@@ -162,7 +184,7 @@ MLSERVER_RUNTIME = textwrap.dedent(
     from mlserver import MLModel
     from mlserver.codecs import StringCodec, NumpyCodec
     from mlserver.types import InferenceRequest, InferenceResponse
-    from kiln_bench_session import make_session, make_tokenizer, feeds
+    from kiln_bench_session import make_session, make_tokenizer, feeds, served
 
     class OrtTextModel(MLModel):
         async def load(self) -> bool:
@@ -174,6 +196,7 @@ MLSERVER_RUNTIME = textwrap.dedent(
         async def predict(self, payload: InferenceRequest) -> InferenceResponse:
             texts = StringCodec.decode_input(payload.inputs[0])
             logits = self.sess.run(["logits"], feeds(self.tok, texts))[0]
+            served(len(texts))
             return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("logits", logits)])
     """
 )
@@ -184,27 +207,42 @@ KSERVE_SERVER = textwrap.dedent(
     import numpy as np
     import kserve
     from kserve import InferOutput, InferRequest, InferResponse
-    from kiln_bench_session import make_session, make_tokenizer, feeds
+    from kiln_bench_session import make_session, make_tokenizer, feeds, served
 
     class OrtTextModel(kserve.Model):
         def __init__(self, name, model, tokenizer, threads, max_len):
             super().__init__(name)
+            self.spec = (model, tokenizer, threads, max_len)
+            self._open()
+            self.ready = True
+
+        def _open(self):
+            model, tokenizer, threads, max_len = self.spec
             self.sess = make_session(model, threads)
             self.tok = make_tokenizer(tokenizer, max_len)
-            self.ready = True
+
+        # With workers > 1 KServe spawns its REST worker processes and pickles the model into each: each worker
+        # opens its own session (an InferenceSession cannot be pickled).
+        def __getstate__(self):
+            return {k: v for k, v in self.__dict__.items() if k not in ("sess", "tok")}
+
+        def __setstate__(self, state):
+            self.__dict__.update(state)
+            self._open()
 
         def predict(self, payload: InferRequest, headers=None) -> InferResponse:
             texts = [t if isinstance(t, str) else t.decode() for t in payload.inputs[0].data]
             logits = self.sess.run(["logits"], feeds(self.tok, texts))[0]
+            served(len(texts))
             out = InferOutput(name="logits", shape=list(logits.shape), datatype="FP32")
             out.set_data_from_numpy(logits, binary_data=False)
             return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id or "")
 
     if __name__ == "__main__":
-        name, model, tokenizer, threads, max_len, http_port, grpc_port = sys.argv[1:8]
+        name, model, tokenizer, threads, max_len, http_port, grpc_port, workers = sys.argv[1:9]
         m = OrtTextModel(name, model, tokenizer, int(threads), int(max_len))
         kserve.ModelServer(
-            http_port=int(http_port), grpc_port=int(grpc_port), workers=1, enable_grpc=False,
+            http_port=int(http_port), grpc_port=int(grpc_port), workers=int(workers), enable_grpc=False,
             enable_latency_logging=False,
         ).start([m])
     """
@@ -403,9 +441,34 @@ class Server:
         self.name, self.cmd, self.port, self.path, self.ready_url = name, cmd, port, path, ready
         self.env, self.cwd = env, cwd
         self.logfile = cwd / f"{name}.log"
+        self.served_dir = cwd / f"served-{name}"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def processes(self) -> list[tuple[int, str, float]]:
+        """(pid, command, CPU seconds so far) of every process in the server's session (its workers included)."""
+        assert self.proc is not None
+        tick = os.sysconf("SC_CLK_TCK")
+        out = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, session, ...
+            if int(fields[3]) == self.proc.pid:
+                out.append((int(d.name), cmd[-60:], (int(fields[11]) + int(fields[12])) / tick))
+        return sorted(out)
+
+    def served(self) -> dict[int, dict[str, int]]:
+        """Requests and samples per worker process, as the peers' model code counted them (KILN_BENCH_SERVED)."""
+        return {int(f.stem): json.loads(f.read_text()) for f in sorted(self.served_dir.glob("*.json"))}
+
     def __enter__(self) -> Server:
+        self.served_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {**self.env, "KILN_BENCH_SERVED": str(self.served_dir)}
         with open(self.logfile, "wb") as out:
             self.proc = subprocess.Popen(
                 self.cmd, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -429,6 +492,13 @@ def kiln_threads(args: argparse.Namespace) -> int:
     return max(1, args.threads // args.kiln_instances)
 
 
+def peer_layout(args: argparse.Namespace) -> tuple[int, int]:
+    """(worker processes, ORT threads per worker's session) of each peer."""
+    if args.peer_layout == "matched":
+        return args.kiln_instances, kiln_threads(args)
+    return 1, args.threads
+
+
 def kiln_server(work: Path, uri: str, args: argparse.Namespace) -> Server:
     port, mport = free_port(), free_port()
     env = {
@@ -450,7 +520,11 @@ def mlserver_server(work: Path, py: Path, model: Path, tok: Path, args: argparse
     repo = work / "mlserver-repo"
     (repo / "minilm").mkdir(parents=True, exist_ok=True)
     (repo / "ort_runtime.py").write_text(MLSERVER_RUNTIME)
-    settings = {"http_port": port, "grpc_port": gport, "metrics_port": mport, "host": "127.0.0.1"}
+    workers, threads = peer_layout(args)
+    # parallel_workers: inference in that many worker processes (each loads the model: one session each); the main
+    # process (HTTP, adaptive batcher) dispatches batches to them round robin (mlserver/parallel/dispatcher.py).
+    settings = {"http_port": port, "grpc_port": gport, "metrics_port": mport, "host": "127.0.0.1",
+                "parallel_workers": workers}  # fmt: skip
     (repo / "settings.json").write_text(json.dumps(settings))
     (repo / "minilm" / "model-settings.json").write_text(
         json.dumps(
@@ -460,7 +534,7 @@ def mlserver_server(work: Path, py: Path, model: Path, tok: Path, args: argparse
                 "max_batch_size": args.max_batch,
                 "max_batch_time": args.mlserver_batch_time_ms / 1000,
                 "parameters": {
-                    "extra": {"model": str(model), "tokenizer": str(tok), "threads": args.threads, "max_len": 128}
+                    "extra": {"model": str(model), "tokenizer": str(tok), "threads": threads, "max_len": 128}
                 },
             }
         )
@@ -476,8 +550,11 @@ def kserve_server(work: Path, py: Path, model: Path, tok: Path, args: argparse.N
     port, gport = free_port(), free_port()
     (work / "kserve_server.py").write_text(KSERVE_SERVER)
     env = {**os.environ, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [str(py), str(work / "kserve_server.py"), "minilm", str(model), str(tok), str(args.threads), "128",
-           str(port), str(gport)]  # fmt: skip
+    # workers > 1: KServe spawns that many uvicorn processes on one shared listening socket; the kernel hands each
+    # new connection to whichever accepts first (per connection, not per request: the load's connections persist).
+    workers, threads = peer_layout(args)
+    cmd = [str(py), str(work / "kserve_server.py"), "minilm", str(model), str(tok), str(threads), "128",
+           str(port), str(gport), str(workers)]  # fmt: skip
     return Server(
         "kserve", cmd, port, "/v2/models/minilm/infer", f"http://127.0.0.1:{port}/v2/models/minilm/ready", env, work
     )
@@ -507,6 +584,14 @@ def main() -> int:
         "form batches at all (with 0 it runs nearly unbatched)",
     )
     p.add_argument("--peers", default="mlserver,kserve", help="comma list, or none")
+    p.add_argument(
+        "--peer-layout",
+        choices=["single", "matched"],
+        default="matched",
+        help="matched (default, like for like): Kiln's CPU layout, --kiln-instances worker processes (MLServer "
+        "parallel_workers, KServe --workers) each with a session of --threads / --kiln-instances threads; single: "
+        "each peer runs one session of --threads threads in one worker",
+    )
     p.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     args = p.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -565,6 +650,8 @@ def main() -> int:
     results: dict[str, dict[int, dict[str, float]]] = {}
     half: dict[str, dict[str, float]] = {}
     answers: dict[str, list[float]] = {}
+    work_split: dict[str, str] = {}
+    served_split: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         # All servers up at once (idle ones cost nothing), then each concurrency level on each server back to back,
         # so the other work on this shared machine weighs on all of them alike.
@@ -574,6 +661,7 @@ def main() -> int:
             running[name] = stack.enter_context(make())
             answers[name] = check_answer(running[name].port, running[name].path)
             results[name] = {}
+        cpu_before = {name: {pid: cpu for pid, _, cpu in server.processes()} for name, server in running.items()}
         for c in levels:
             # Interleaved: the raw limit (at its best batch size) and every server, in short turns, several rounds,
             # so that the drifting load of this shared machine weighs on all of them alike.
@@ -595,6 +683,21 @@ def main() -> int:
                     f"{name:9s} clients {c:4d}: {r['rps']:7.1f} req/s  p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f} ms"
                     f"  p99 {r['p99']:7.1f} ms  errors {int(r['errors'])}  (raw {raw_rounds[c]:.0f}/s; {loadavg()})"
                 )
+        # Which processes did the work: CPU seconds per process of each server over the closed-loop levels, and the
+        # peers' own per-worker counts of the requests their model code served.
+        for name, server in running.items():
+            cpu = ", ".join(
+                f"pid {pid}{' (main)' if pid == server.proc.pid else ''} {cpu - cpu_before[name].get(pid, 0.0):.0f} s"
+                for pid, _, cpu in server.processes()
+            )
+            work_split[name] = cpu
+            log(f"{name} CPU per process over the closed loops: {cpu}")
+            if name != "kiln":
+                counts = server.served()
+                served_split[name] = ", ".join(
+                    f"pid {pid}: {c['calls']} batches, {c['samples']} requests" for pid, c in counts.items()
+                )
+                log(f"{name} served per worker: {served_split[name]}")
         kiln = running["kiln"]
         sat = max(r["rps"] for r in results["kiln"].values())
         for arrivals in ("uniform", "poisson"):
@@ -621,8 +724,11 @@ def main() -> int:
         print(f"raw ONNX Runtime, {callers} caller(s) x {threads} threads (samples/s): sweep {swept}; best batch "
               f"{best_batch[layout]}, measured again at each level: {rounds}")  # fmt: skip
     print(f"raw ONNX Runtime limit: highest of all {raw_limit:.1f} samples/s")
-    print(f"kiln: --instances {args.kiln_instances} --intra-op-threads {kiln_threads(args)}; peers: one session of "
-          f"{args.threads} threads")  # fmt: skip
+    workers, threads = peer_layout(args)
+    print(f"kiln: --instances {args.kiln_instances} --intra-op-threads {kiln_threads(args)}; peers (--peer-layout "
+          f"{args.peer_layout}): {workers} worker process(es), each one session of {threads} thread(s)")  # fmt: skip
+    for name, split in served_split.items():
+        print(f"{name} served per worker (its model code's counts): {split}")
     print()
     print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|")
