@@ -92,6 +92,24 @@ class Controller:
         self.queue = WorkQueue(self.reconcile, workers=int(os.environ.get("KILN_WORKERS") or 32))
         self._pass = metrics.instrumented(self.kind.kind)(self._reconcile)
         self._posting: set[asyncio.Task[None]] = set()
+        # The objects this kind follows (a source TrainingJob or ModelCompression): who follows what, both ways.
+        self.followers: dict[tuple[str, str, str], set[Key]] = {}  # (namespace, kind, name) -> our objects
+        self.follows: dict[Key, tuple[str, str, str]] = {}
+
+    def source_ref(self, body: kopf.Body | dict[str, Any]) -> tuple[str, str] | None:
+        """(kind, name) of the object in the same namespace whose changes this one must look at, if any."""
+        return None
+
+    def following(self, namespace: str, kind: str, name: str) -> list[Key]:
+        return list(self.followers.get((namespace, kind, name), ()))
+
+    def _unfollow(self, key: Key) -> None:
+        ref = self.follows.pop(key, None)
+        if ref is not None:
+            keys = self.followers.get(ref, set())
+            keys.discard(key)
+            if not keys:
+                self.followers.pop(ref, None)
 
     async def plan(self, key: Key, body: dict[str, Any], jobs: list[dict[str, Any]], pods: list[Any]) -> Plan:
         raise NotImplementedError
@@ -104,6 +122,7 @@ class Controller:
         self.written.pop(key, None)
         self.recent.pop(key, None)
         self.queue.forget(key)
+        self._unfollow(key)
 
     def observe(self, body: kopf.Body | dict[str, Any], event_type: str | None) -> Key:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
@@ -114,6 +133,11 @@ class Controller:
         old = self.objects.get(key)
         if old is None or _rv(snapshot) >= _rv(old):
             self.objects[key] = snapshot
+        self._unfollow(key)
+        ref = self.source_ref(body)
+        if ref is not None:
+            self.follows[key] = (key[0], *ref)
+            self.followers.setdefault(self.follows[key], set()).add(key)
         return key
 
     def echo(self, body: kopf.Body | dict[str, Any]) -> bool:

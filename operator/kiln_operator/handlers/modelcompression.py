@@ -55,20 +55,14 @@ class ModelCompressions(Controller):
     def __init__(self, client: Client, config: life.Config, memo: kopf.Memo) -> None:
         super().__init__(client, config)
         self.memo = memo  # memo.trainingjobs, the TrainingJob controller: its cache holds the sources
-        self.refs: dict[Key, set[Key]] = {}  # TrainingJob -> ModelCompressions that compress its model
 
-    def observe(self, body: kopf.Body | dict[str, Any], event_type: str | None) -> Key:
-        key = super().observe(body, event_type)
-        for mcs in self.refs.values():
-            mcs.discard(key)
+    def source_ref(self, body: kopf.Body | dict[str, Any]) -> tuple[str, str] | None:
         ref = (((body.get("spec") or {}).get("source") or {}).get("trainingJobRef") or {}).get("name")
-        if ref and event_type != "DELETED":
-            self.refs.setdefault((key[0], ref), set()).add(key)
-        return key
+        return (TRAINING_JOB.kind, ref) if ref else None
 
     async def plan(self, key: Key, body: dict[str, Any], jobs: list[dict[str, Any]], pods: list[Any]) -> Plan:
-        ref = (((body.get("spec") or {}).get("source") or {}).get("trainingJobRef") or {}).get("name")
-        tj = self.memo.trainingjobs.objects.get((key[0], ref)) if ref else None
+        ref = self.source_ref(body)
+        tj = self.memo.trainingjobs.objects.get((key[0], ref[1])) if ref else None
         return life.decide(body, tj, jobs, pods, time.time(), self.config)
 
     async def promote(self, body: dict[str, Any], plan: Plan) -> None:
@@ -125,7 +119,7 @@ async def source_event(
 ) -> None:
     # A TrainingJob changed (its model became ready, it re-ran): the compressions of its model take a look.
     controller = _controller(memo, mc_jobs, mc_pods)
-    for key in list(controller.refs.get((namespace, name), ())):
+    for key in controller.following(namespace, TRAINING_JOB.kind, name):
         controller.queue.request(key)
 
 

@@ -78,7 +78,6 @@ class ModelDeployments(Controller):
     def __init__(self, client: Client, config: life.Config, memo: kopf.Memo, prometheus_url: str | None) -> None:
         super().__init__(client, config)
         self.memo = memo  # memo.modelcompressions / memo.trainingjobs: their caches hold the sources
-        self.refs: dict[tuple[str, str, str], set[Key]] = {}  # (namespace, kind, name) -> ModelDeployments
         self.prometheus = am.Prometheus(prometheus_url) if prometheus_url else None
         self.applied: dict[Key, Any] = {}  # the generation whose children were last applied, per object
         self.sent: dict[tuple[Key, str, str], str] = {}  # (object, kind, name) -> what we last applied
@@ -97,23 +96,13 @@ class ModelDeployments(Controller):
         for k in [k for k in self.failed if k[0] == key]:
             del self.failed[k]
 
-    @staticmethod
-    def source_ref(body: dict[str, Any] | kopf.Body) -> tuple[str, str] | None:
+    def source_ref(self, body: kopf.Body | dict[str, Any]) -> tuple[str, str] | None:
         src = (body.get("spec") or {}).get("source") or {}
         if src.get("modelCompressionRef"):
             return MODEL_COMPRESSION.kind, src["modelCompressionRef"]["name"]
         if src.get("trainingJobRef"):
             return TRAINING_JOB.kind, src["trainingJobRef"]["name"]
         return None
-
-    def observe(self, body: kopf.Body | dict[str, Any], event_type: str | None) -> Key:
-        key = super().observe(body, event_type)
-        for mds in self.refs.values():
-            mds.discard(key)
-        ref = self.source_ref(body)
-        if ref and event_type != "DELETED":
-            self.refs.setdefault((key[0], *ref), set()).add(key)
-        return key
 
     def deployments(self, key: Key) -> list[dict[str, Any]]:
         """The indexed Deployments, with the ones this process applied or deleted since, whichever is newer."""
@@ -285,7 +274,7 @@ async def source_event(
 ) -> None:
     # The source promoted (or lost) an artifact: the deployments that follow it take a look.
     controller = _controller(memo, md_deployments, md_pods)
-    for key in list(controller.refs.get((namespace, body.get("kind", ""), name), ())):
+    for key in controller.following(namespace, body.get("kind", ""), name):
         # After a moment: the source's own controller updates its cache in its handler of this same event.
         controller.queue.request(key, coalesce=0.2)
 
