@@ -3,13 +3,16 @@
     .venv/bin/python bench/trainingjobs.py --jobs 1000 --churn-seconds 600
 
 1. raw limit: the same number of batch/v1 Jobs (the builder's, suspended so they start no pods) created directly
-   with one async client (the same concurrency) -> Jobs/s;
+   with one async client (the same concurrency) -> Jobs/s; and N TrainingJobs created with no operator watching
+   -> the ceiling 1 / (1/TJ rate + 1/Job rate): no operator can create Jobs faster than their TrainingJobs plus
+   the Jobs can be written;
 2. the operator (a subprocess, logged in as its ServiceAccount): (a) N suspended TrainingJobs (their Jobs start
    no pods, like the raw ones): create -> Job p50/p99 and Jobs/s against the raw limit; (b) N more, running
    (kwok starts their pods): from watch events, per job, create -> Job created and create -> Running in status;
    total time to converge; Jobs/s against the raw limit; operator RSS with 2N live TrainingJobs; API requests per
    reconcile (operator metrics);
-3. churn: delete and create jobs in a loop for --churn-seconds with N live; RSS growth from after the warm-up.
+3. churn: delete and create jobs in a loop for --churn-seconds with N live, each round waiting for the garbage
+   collector to remove the deleted ones' Jobs; RSS growth from after the warm-up.
 
 Uses KILN_TEST_KUBECONFIG when set, else starts its own cluster (hack/cluster.sh) and deletes it afterwards.
 """
@@ -93,6 +96,34 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+PROCESSES = ("operator", "bench", "kube-apiserver", "etcd", "kube-controller", "kube-scheduler", "kwok-controller")
+
+
+def cpu_seconds(operator: int) -> dict[str, float]:
+    """CPU time (user + system) so far of the control plane's processes, the operator and this load generator."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        pid = int(proc.name)
+        name = "operator" if pid == operator else "bench" if pid == os.getpid() else comm
+        if name in PROCESSES:
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
+    """Milliseconds of CPU per TrainingJob, by process: where the two cores went."""
+    return {k: round(1000 * (after[k] - before.get(k, 0.0)) / jobs, 2) for k in sorted(after)}
+
+
 def scrape(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     with urllib.request.urlopen(url, timeout=10) as r:
@@ -116,7 +147,9 @@ async def create_all(client: Client, objs: list[dict[str, Any]], concurrency: in
     return done
 
 
-async def watch(api: Any, path: str, seen: dict[str, float], running: dict[str, float] | None) -> None:
+async def watch(
+    api: Any, path: str, seen: dict[str, float], running: dict[str, float] | None, gone: set[str] | None = None
+) -> None:
     """A raw watch stream (JSON lines, no object model): the bench must not eat the CPU the operator needs."""
     base, _, rest = path.lstrip("/").partition("/")
     rv = ""
@@ -132,9 +165,11 @@ async def watch(api: Any, path: str, seen: dict[str, float], running: dict[str, 
                     event = json.loads(line)
                     obj = event["object"]
                     rv = obj["metadata"].get("resourceVersion", rv)
+                    name = obj["metadata"].get("name", "")
+                    if event["type"] == "DELETED" and gone is not None:
+                        gone.add(name)
                     if event["type"] not in ("ADDED", "MODIFIED"):
                         continue
-                    name = obj["metadata"]["name"]
                     seen.setdefault(name, time.monotonic())
                     if running is not None and (obj.get("status") or {}).get("phase") == "Running":
                         running.setdefault(name, time.monotonic())
@@ -142,6 +177,14 @@ async def watch(api: Any, path: str, seen: dict[str, float], running: dict[str, 
             raise
         except Exception as e:  # the server closed the watch: reopen it where it stopped
             say(f"watch {path} reopened ({type(e).__name__})")
+
+
+async def wait_gone(names: list[str], gone: set[str], limit: float) -> None:
+    start = time.monotonic()
+    while not gone.issuperset(names):
+        if time.monotonic() - start > limit:
+            raise SystemExit(f"timed out: {len(set(names) - gone)} Jobs of deleted TrainingJobs still there")
+        await asyncio.sleep(0.2)  # polls a local set the watch fills, not the cluster
 
 
 async def wait_count(what: str, d: dict[str, float], n: int, limit: float) -> None:
@@ -173,11 +216,27 @@ async def run(args: argparse.Namespace, cluster: Cluster, sa_kubeconfig: Path) -
         # (a namespace of 1000 running Jobs takes minutes to delete); this is the API server's create limit.
         raw_jobs.append(b.indexed_job(body, 1, suspend=True))
     say(f"raw: creating {n} Jobs with one async client, concurrency {c}")
+    cpu0 = cpu_seconds(0)
     t0 = time.monotonic()
     await create_all(client, raw_jobs, c)
     raw_seconds = time.monotonic() - t0
+    raw_cpu = cpu_per_job(cpu0, cpu_seconds(0), n)
     raw_rate = n / raw_seconds
     say(f"raw: {n} Jobs in {raw_seconds:.1f}s = {raw_rate:.1f} Jobs/s (left in place: suspended, inert)")
+    # The other half of the floor: the TrainingJobs themselves, created with no operator watching their namespace.
+    # Every operator Job needs its TrainingJob created first on the same API server and cores, so no operator can
+    # beat 1 / (1/TJ rate + 1/Job rate) Jobs/s here, status writes not even counted.
+    cluster.kubectl("create", "namespace", "bench-raw-tj", check=False)
+    cpu0 = cpu_seconds(0)
+    t0 = time.monotonic()
+    await create_all(client, [tj_body(f"raw-{i:04d}", "bench-raw-tj", suspend=True) for i in range(n)], c)
+    tj_rate = n / (time.monotonic() - t0)
+    say(f"raw: CPU ms per Job {raw_cpu}; per TrainingJob {cpu_per_job(cpu0, cpu_seconds(0), n)}")
+    floor_rate = 1 / (1 / tj_rate + 1 / raw_rate)
+    say(
+        f"raw: {n} TrainingJobs alone at {tj_rate:.1f}/s; TrainingJob + its Job: at most {floor_rate:.1f} Jobs/s "
+        f"= {floor_rate / raw_rate:.3f} of the Job rate"
+    )
 
     # ---- 2. the operator
     ns = "bench-op"
@@ -223,10 +282,12 @@ async def run(args: argparse.Namespace, cluster: Cluster, sa_kubeconfig: Path) -
     susp_watch = asyncio.create_task(watch(api, "/apis/batch/v1/namespaces/bench-suspended/jobs", susp_jobs, None))
     await asyncio.sleep(1)
     say(f"operator, suspended: creating {n} suspended TrainingJobs (their Jobs start no pods)")
+    cpu0 = cpu_seconds(op.pid)
     t0 = time.monotonic()
     s_created = await create_all(client, [tj_body(f"s-{i:04d}", "bench-suspended", suspend=True) for i in range(n)], c)
     await wait_count("suspended Jobs created", susp_jobs, n, args.timeout)
     susp_watch.cancel()
+    s_cpu = cpu_per_job(cpu0, cpu_seconds(op.pid), n)
     s_to_job = [susp_jobs[b.job_name(name, 1)] - s_created[name] for name in s_created]
     s_rate = n / (max(susp_jobs.values()) - t0)
     print(
@@ -234,9 +295,13 @@ async def run(args: argparse.Namespace, cluster: Cluster, sa_kubeconfig: Path) -
             {
                 "suspended_operator_jobs_per_s": round(s_rate, 1),
                 "suspended_operator_vs_raw": round(s_rate / raw_rate, 3),
+                "ceiling_tj_plus_job_per_s": round(floor_rate, 1),
+                "ceiling_vs_raw": round(floor_rate / raw_rate, 3),
+                "suspended_operator_vs_ceiling": round(s_rate / floor_rate, 3),
                 "suspended_create_to_job_p50_s": round(statistics.median(s_to_job), 3),
                 "suspended_create_to_job_p99_s": round(pct(s_to_job, 99), 3),
                 "operator_rss_mb_after_suspended": round(rss_mb(op.pid), 1),
+                "cpu_ms_per_trainingjob_suspended": s_cpu,
             },
             indent=1,
         ),
@@ -245,10 +310,11 @@ async def run(args: argparse.Namespace, cluster: Cluster, sa_kubeconfig: Path) -
 
     # ---- 2b. running TrainingJobs: the full path, pods scheduled and started by kwok
     job_seen: dict[str, float] = {}
+    job_gone: set[str] = set()
     tj_seen: dict[str, float] = {}
     running: dict[str, float] = {}
     watchers = [
-        asyncio.create_task(watch(api, f"/apis/batch/v1/namespaces/{ns}/jobs", job_seen, None)),
+        asyncio.create_task(watch(api, f"/apis/batch/v1/namespaces/{ns}/jobs", job_seen, None, job_gone)),
         asyncio.create_task(watch(api, f"/apis/kiln.dev/v1alpha1/namespaces/{ns}/trainingjobs", tj_seen, running)),
     ]
     try:
@@ -278,6 +344,8 @@ async def run(args: argparse.Namespace, cluster: Cluster, sa_kubeconfig: Path) -
                     "tj_create_burst_s": round(create_seconds, 1),
                     "operator_jobs_per_s": round(op_rate, 1),
                     "operator_vs_raw": round(op_rate / raw_rate, 3),
+                    "raw_tj_create_per_s": round(tj_rate, 1),
+                    "operator_vs_ceiling": round(op_rate / floor_rate, 3),
                     "create_to_job_p50_s": round(statistics.median(to_job), 3),
                     "create_to_job_p99_s": round(pct(to_job, 99), 3),
                     "create_to_running_p50_s": round(statistics.median(to_running), 3),
@@ -307,6 +375,10 @@ async def run(args: argparse.Namespace, cluster: Cluster, sa_kubeconfig: Path) -
                 old, live = live[: args.churn_batch], live[args.churn_batch :]
                 for name in old:
                     await client.delete("kiln.dev/v1alpha1", "TrainingJob", ns, name)
+                # Wait for the garbage collector to remove their Jobs before the next round: a loop faster than the
+                # control plane's GC piles up orphaned Jobs (and the pods the Job controller keeps making for them)
+                # that every watcher caches, the operator included, so RSS would measure that backlog, not a leak.
+                await wait_gone([b.job_name(name, 1) for name in old], job_gone, args.timeout)
                 fresh = [tj_body(f"tj-{serial + i:04d}", ns) for i in range(args.churn_batch)]
                 serial += args.churn_batch
                 await create_all(client, fresh, c)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from kiln_operator.builders import trainingjob as b
+from kiln_operator.controller import material
 from kiln_operator.lifecycle import trainingjob as life
 
 NOW = 1_800_000_000.0
@@ -79,6 +80,29 @@ def test_a_new_trainingjob_gets_its_service_and_first_attempt():
     assert plan.status["observedGeneration"] == 3
     assert cond(plan.status, "Reconciling")["status"] == "True"
     assert json.loads(plan.create[-1]["metadata"]["annotations"][b.LEDGER_ANNOTATION]) == {}
+
+
+@pytest.mark.parametrize(
+    ("spec", "phase", "reason"),
+    [
+        ({}, "Pending", "PodsStarting"),
+        ({"suspend": True}, "Suspended", "Suspended"),
+        ({"scheduling": {"queueName": "gpus"}}, "Pending", "WaitingForQuota"),
+    ],
+)
+def test_the_first_status_already_says_what_the_new_job_is_doing(spec, phase, reason):
+    """One status write for a new TrainingJob: the pass that creates the Job plans the status of the world with
+    that Job in it, so the pass its watch event starts finds nothing to write."""
+    first = life.decide(tj(**spec), [], [], None, NOW)
+    assert first.status["phase"] == phase
+    assert cond(first.status, "Ready")["reason"] == reason
+    assert first.events == []
+    created = first.create[-1]
+    created["metadata"]["creationTimestamp"] = T(NOW)
+    again = life.decide(tj(**spec, status=first.status), [created], [], None, NOW + 1)
+    assert again.create == []
+    assert again.events == []
+    assert material(again.status) == material(first.status)
 
 
 def test_the_default_locations_come_from_the_artifact_root():

@@ -345,13 +345,10 @@ def decide(
             prior = _ledger_from_status(old)
             failure = Failure("Infrastructure", "JobDeleted", f"the Job of attempt {attempt} disappeared")
             return _replace(tj, plan, attempt, prior, failure, None, [], now, config)
-        attempt = 1
-        plan.create = [*_service(tj), build_attempt(tj, attempt, ledger, config)]
-        status.update(attempt=attempt, jobName=b.job_name(meta["name"], attempt), phase="Pending")
-        status.setdefault("restarts", {"infrastructure": 0, "user": 0})
-        status.setdefault("preemptions", 0)
-        _set_conditions(plan, old, "Pending", "Creating", "creating the first attempt", None)
-        return plan
+        # The status says what is true once the first Job exists (suspended, or waiting for its pods): one status
+        # write for a new TrainingJob instead of "creating" then the same again when the Job's event comes back.
+        current = build_attempt(tj, 1, ledger, config)
+        plan.create = [*_service(tj), current]
 
     attempt = _attempt_of(current)
     ledger = _ledger(current)
@@ -476,7 +473,7 @@ def decide(
     if since is not None:
         plan.requeue_after = max(1.0, since + startup - now)
     phase = "Restarting" if old.get("phase") == "Restarting" and attempt > 1 else "Pending"
-    if old.get("phase") not in ("Pending", "Restarting") or (_reason(old) != why[0] and why[0] != "PodsStarting"):
+    if old.get("phase") not in (None, "Pending", "Restarting") or (_reason(old) != why[0] and why[0] != "PodsStarting"):
         plan.events.append(("Warning" if why[0] != "PodsStarting" else "Normal", why[0], why[1]))
     _set_conditions(plan, old, phase, why[0], why[1], None)
     return plan
