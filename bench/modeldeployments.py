@@ -39,8 +39,7 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests")]
 
 import kiln_artifacts as ka  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from harness import Cluster, bin_dir, free_port, service_account_kubeconfig  # noqa: E402
+from harness import Cluster, bench_cluster, free_port  # noqa: E402
 from prometheus_support import prometheus_binary, run_prometheus  # noqa: E402
 from server_support import ServerProcess, _image_artifact, image_request  # noqa: E402
 
@@ -533,31 +532,9 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=10, help="analysis interval in seconds (part 4)")
     p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "kiln-bench-md-operator.log"))
     args = p.parse_args()
-    given = os.environ.get("KILN_TEST_KUBECONFIG")
-    workdir = tempfile.mkdtemp(prefix="kiln-bench-md-")
-    env = {**os.environ, "KWOK_WORKDIR": workdir, "KILN_CLUSTER_NAME": "kiln-bench-md"}
-    if given:
-        kubeconfig = given
-    else:
-        say("starting the local control plane (hack/cluster.sh up)")
-        up = subprocess.run(
-            [str(REPO / "hack/cluster.sh"), "up"], env=env, stdout=subprocess.PIPE, text=True, check=True
-        )
-        kubeconfig = up.stdout.strip().splitlines()[-1]
-    try:
-        os.environ["KUBECONFIG"] = kubeconfig
-        cluster = Cluster(kubeconfig, bin_dir())
+    with bench_cluster("kiln-bench-md") as (cluster, sa, workdir):
         cluster.kubectl("delete", "namespace", NS, "--wait=true", check=False)
-        cluster.kubectl("apply", "-f", str(REPO / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(REPO / "crds"))
-        rendered = yaml.safe_load_all(cluster.kubectl("kustomize", str(REPO / "manifests")).stdout)
-        kinds = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
-        cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([d for d in rendered if d and d["kind"] in kinds]))
-        sa = service_account_kubeconfig(cluster, Path(workdir) / "operator-kubeconfig.yaml")
-        asyncio.run(run(args, cluster, sa, Path(workdir)))
-    finally:
-        if not given:
-            subprocess.run([str(REPO / "hack/cluster.sh"), "down"], env=env, check=False)
+        asyncio.run(run(args, cluster, sa, workdir))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests")]
 
 import yaml  # noqa: E402
-from harness import Cluster, bin_dir, free_port, service_account_kubeconfig  # noqa: E402
+from harness import Cluster, bench_cluster, free_port  # noqa: E402
 
 from kiln_operator.builders import trainingjob as b  # noqa: E402
 from kiln_operator.kube import Client  # noqa: E402
@@ -421,31 +421,9 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "kiln-bench-operator.log"))
     args = p.parse_args()
-    given = os.environ.get("KILN_TEST_KUBECONFIG")
-    workdir = tempfile.mkdtemp(prefix="kiln-bench-")
-    env = {**os.environ, "KWOK_WORKDIR": workdir, "KILN_CLUSTER_NAME": "kiln-bench"}
-    if given:
-        kubeconfig = given
-    else:
-        say("starting the local control plane (hack/cluster.sh up)")
-        up = subprocess.run(
-            [str(REPO / "hack/cluster.sh"), "up"], env=env, stdout=subprocess.PIPE, text=True, check=True
-        )
-        kubeconfig = up.stdout.strip().splitlines()[-1]
-    try:
-        os.environ["KUBECONFIG"] = kubeconfig
-        cluster = Cluster(kubeconfig, bin_dir())
-        cluster.kubectl("apply", "-f", str(REPO / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(REPO / "crds"))
-        rendered = yaml.safe_load_all(cluster.kubectl("kustomize", str(REPO / "manifests")).stdout)
-        kinds = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
-        cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([d for d in rendered if d and d["kind"] in kinds]))
+    with bench_cluster("kiln-bench") as (cluster, sa, _workdir):
         cluster.kubectl("apply", "-f", "-", stdin=bench_nodes(max(1, args.jobs // 200 + 1)))
-        sa = service_account_kubeconfig(cluster, Path(workdir) / "operator-kubeconfig.yaml")
         asyncio.run(run(args, cluster, sa))
-    finally:
-        if not given:
-            subprocess.run([str(REPO / "hack/cluster.sh"), "down"], env=env, check=False)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -132,3 +133,33 @@ def run_operator(*scope: str) -> Iterator[Operator]:
     lines = [line for line in runner.output.splitlines() if "reauthenticating" not in line]
     denied = [line for line in lines if PERMISSION_ERROR.search(line)]
     assert not denied, "the operator was refused by the API server:\n" + "\n".join(denied[:20])
+
+
+@contextlib.contextmanager
+def bench_cluster(name: str) -> Iterator[tuple[Cluster, Path, Path]]:
+    """A control plane for a benchmark: KILN_TEST_KUBECONFIG's, or one started here (hack/cluster.sh) and deleted
+    afterwards; with Kiln's CRDs and the operator's RBAC installed. Yields the cluster, a kubeconfig of the
+    operator's ServiceAccount and a work folder. KUBECONFIG is set to the admin's for the benchmark itself."""
+    given = os.environ.get("KILN_TEST_KUBECONFIG")
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    env = {**os.environ, "KWOK_WORKDIR": str(workdir), "KILN_CLUSTER_NAME": name}
+    if given:
+        kubeconfig = given
+    else:
+        print(f"[{name}] starting the local control plane (hack/cluster.sh up)", flush=True)
+        up = subprocess.run(
+            [str(REPO / "hack/cluster.sh"), "up"], env=env, stdout=subprocess.PIPE, text=True, check=True
+        )
+        kubeconfig = up.stdout.strip().splitlines()[-1]
+    try:
+        os.environ["KUBECONFIG"] = kubeconfig
+        cluster = Cluster(kubeconfig, bin_dir())
+        cluster.kubectl("apply", "-f", str(REPO / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(REPO / "crds"))
+        rendered = yaml.safe_load_all(cluster.kubectl("kustomize", str(REPO / "manifests")).stdout)
+        kinds = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+        cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([d for d in rendered if d and d["kind"] in kinds]))
+        yield cluster, service_account_kubeconfig(cluster, workdir / "operator-kubeconfig.yaml"), workdir
+    finally:
+        if not given:
+            subprocess.run([str(REPO / "hack/cluster.sh"), "down"], env=env, check=False)
