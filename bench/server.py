@@ -354,9 +354,44 @@ LOADGEN = textwrap.dedent(
         await asyncio.gather(*tasks)
         return lat, errors, seconds
 
+    async def grpc_closed_loop(host, port, bodies, clients, warmup, seconds):
+        # One channel (HTTP/2 connection) per client, as one keep-alive connection per client over REST.
+        import grpc
+        lat, errors = [], 0
+        t_start = time.perf_counter() + warmup
+        t_end = t_start + seconds
+
+        async def client(i):
+            nonlocal errors
+            rng = random.Random(i)
+            async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+                infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+                while True:
+                    t0 = time.perf_counter()
+                    if t0 >= t_end:
+                        break
+                    try:
+                        await infer(bodies[rng.randrange(len(bodies))])
+                        ok = True
+                    except grpc.aio.AioRpcError:
+                        ok = False
+                    t1 = time.perf_counter()
+                    if t_start <= t1 <= t_end:
+                        if ok:
+                            lat.append(t1 - t0)
+                        else:
+                            errors += 1
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        return lat, errors, seconds
+
     def main():
         cfg = json.loads(sys.argv[1])
-        if cfg["mode"] == "closed":
+        if cfg.get("grpc"):
+            bodies = [bytes.fromhex(b) for b in cfg["grpc"]]
+            lat, errors, secs = asyncio.run(grpc_closed_loop(cfg["host"], cfg["port"], bodies, cfg["clients"],
+                                                             cfg["warmup"], cfg["seconds"]))
+        elif cfg["mode"] == "closed":
             lat, errors, secs = asyncio.run(closed_loop(cfg["host"], cfg["port"], cfg["path"], cfg["sentences"],
                                                         cfg["clients"], cfg["warmup"], cfg["seconds"]))
         else:
@@ -380,6 +415,18 @@ def run_load(workdir: Path, port: int, path: str, **cfg: Any) -> dict[str, Any]:
     if p.returncode != 0:
         raise RuntimeError(f"load generator failed: {p.stderr[-2000:]}")
     return json.loads(p.stdout)
+
+
+def grpc_bodies(model: str) -> list[str]:
+    """One serialized ModelInferRequest per sentence (text as BYTES, typed contents), hex for the load spec."""
+    from kiln_server.proto import open_inference_pb2 as pb
+
+    out = []
+    for s in SENTENCES:
+        msg = pb.ModelInferRequest(model_name=model)
+        msg.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(s.encode())
+        out.append(msg.SerializeToString().hex())
+    return out
 
 
 def merge(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -443,6 +490,7 @@ class Server:
         self.logfile = cwd / f"{name}.log"
         self.served_dir = cwd / f"served-{name}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.grpc_port: int | None = None
 
     def processes(self) -> list[tuple[int, str, float]]:
         """(pid, command, CPU seconds so far) of every process in the server's session (its workers included)."""
@@ -500,7 +548,7 @@ def peer_layout(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def kiln_server(work: Path, uri: str, args: argparse.Namespace) -> Server:
-    port, mport = free_port(), free_port()
+    port, gport, mport = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO / "operator"),
@@ -508,11 +556,14 @@ def kiln_server(work: Path, uri: str, args: argparse.Namespace) -> Server:
         "TOKENIZERS_PARALLELISM": "false",
     }
     cmd = [PY, "-m", "kiln_server", "--model-uri", uri, "--model-name", "minilm", "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(mport), "--intra-op-threads", str(kiln_threads(args)),
+           "--port", str(port), "--grpc-port", str(gport), "--metrics-port", str(mport),
+           "--intra-op-threads", str(kiln_threads(args)),
            "--instances", str(args.kiln_instances), "--max-batch-size", str(args.max_batch),
            "--max-queue-delay-ms", str(args.max_delay_ms), "--max-queue-size", "1024", "--shutdown-delay-s", "0",
            "--log-level", "warning"]  # fmt: skip
-    return Server("kiln", cmd, port, "/v2/models/minilm/infer", f"http://127.0.0.1:{port}/v2/health/ready", env, work)
+    server = Server("kiln", cmd, port, "/v2/models/minilm/infer", f"http://127.0.0.1:{port}/v2/health/ready", env, work)
+    server.grpc_port = gport
+    return server
 
 
 def mlserver_server(work: Path, py: Path, model: Path, tok: Path, args: argparse.Namespace) -> Server:
@@ -584,6 +635,12 @@ def main() -> int:
         "form batches at all (with 0 it runs nearly unbatched)",
     )
     p.add_argument("--peers", default="mlserver,kserve", help="comma list, or none")
+    p.add_argument(
+        "--grpc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure Kiln over gRPC (the same server process; one channel per client)",
+    )
     p.add_argument(
         "--peer-layout",
         choices=["single", "matched"],
@@ -666,7 +723,7 @@ def main() -> int:
             # Interleaved: the raw limit (at its best batch size) and every server, in short turns, several rounds,
             # so that the drifting load of this shared machine weighs on all of them alike.
             raws: dict[str, list[float]] = {layout: [] for layout in layouts}
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in running}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*running, *(["kiln-grpc"] * args.grpc)]}
             for _ in range(args.rounds):
                 for layout in layouts:
                     b = best_batch[layout]
@@ -674,11 +731,15 @@ def main() -> int:
                 for name, server in running.items():
                     runs[name].append(run_load(work, server.port, server.path, mode="closed", clients=c, warmup=1.0,
                                                seconds=args.seconds / args.rounds))  # fmt: skip
+                if args.grpc:
+                    runs["kiln-grpc"].append(run_load(work, running["kiln"].grpc_port, "", mode="closed", clients=c,
+                                                      warmup=1.0, seconds=args.seconds / args.rounds,
+                                                      grpc=grpc_bodies("minilm")))  # fmt: skip
             for layout in layouts:
                 raw_rounds_by[layout][c] = statistics.mean(raws[layout])
             raw_rounds[c] = max(raw_rounds_by[layout][c] for layout in layouts)
-            for name in running:
-                r = results[name][c] = merge(runs[name])
+            for name in runs:
+                r = results.setdefault(name, {})[c] = merge(runs[name])
                 log(
                     f"{name:9s} clients {c:4d}: {r['rps']:7.1f} req/s  p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f} ms"
                     f"  p99 {r['p99']:7.1f} ms  errors {int(r['errors'])}  (raw {raw_rounds[c]:.0f}/s; {loadavg()})"
@@ -739,9 +800,12 @@ def main() -> int:
     print()
     kiln = results["kiln"]
     for c in levels:
-        peer_best = max((results[n][c]["rps"] for n in results if n != "kiln"), default=float("nan"))
+        peers_here = [n for n in results if not n.startswith("kiln")]
+        peer_best = max((results[n][c]["rps"] for n in peers_here), default=float("nan"))
         line = f"clients {c:4d}: kiln {kiln[c]['rps']:.1f} req/s"
-        if results.keys() - {"kiln"}:
+        if "kiln-grpc" in results:
+            line += f" (over gRPC {results['kiln-grpc'][c]['rps']:.1f})"
+        if peers_here:
             line += f", best peer {peer_best:.1f} -> ratio {kiln[c]['rps'] / peer_best:.2f}x"
             line += " (target >= 1.5x)" if c >= 32 else ""
         print(line)

@@ -177,6 +177,7 @@ class ServerProcess:
 
     def __init__(self, tmp: Path, model_uri: str, *args: str, name: str = "m") -> None:
         self.port = free_port()
+        self.grpc_port = free_port()
         self.metrics_port = free_port()
         self.name = name
         self.log_path = tmp / f"server-{self.port}.log"
@@ -192,6 +193,8 @@ class ServerProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--grpc-port",
+            str(self.grpc_port),
             "--metrics-port",
             str(self.metrics_port),
             "--intra-op-threads",
@@ -277,6 +280,20 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def wait_in_flight(server: ServerProcess, futures: list[Any], at_least: int) -> float:
+    """Wait until ``at_least`` requests of a burst are accepted and in flight (or all done); the count then."""
+    wait_for(
+        lambda: (
+            counter(server.metrics(), "kiln_server_inflight_requests", model=server.name) >= at_least
+            or all(f.done() for f in futures)
+        ),
+        what="the burst in flight",
+        timeout=30,
+        interval=0.01,
+    )
+    return counter(server.metrics(), "kiln_server_inflight_requests", model=server.name)
 
 
 def run_server(tmp: Path, model_uri: str, *args: str, timeout: float = 60) -> tuple[int, str, str]:

@@ -11,19 +11,22 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 from aiohttp import web
 
 from . import __version__
 from .batcher import Batcher
 from .config import Config, UsageError, parse_config
 from .errors import BadRequest, ExitCode, RequestError, StartupError, Unavailable
+from .grpc_service import GrpcService
 from .metrics import Metrics
 from .model import Model
-from .protocol import encode_response, error_body, parse_infer_request
+from .protocol import InferRequest, OutputTensor, encode_response, error_body, parse_infer_request
 
 log = logging.getLogger("kiln_server")
 
@@ -53,19 +56,21 @@ class Server:
         self._stop = asyncio.Event()
         self._fast_stop = False
         self._sites: list[web.BaseSite] = []
+        self._grpc: grpc.aio.Server | None = None
 
     # ------------------------------------------------------------------ state
     @property
     def ready(self) -> bool:
         return self.model.ready and not self.draining
 
-    def _check_model(self, request: web.Request) -> None:
-        name = request.match_info["name"]
+    def check_model(self, name: str, version: str | None) -> None:
         if name != self.model.name:
             raise RequestError(f"unknown model {name!r}; this server serves {self.model.name!r}", 404)
-        version = request.match_info.get("version")
         if version is not None and version != self.model.version:
             raise RequestError(f"model {name!r} has no version {version!r} (versions: {self.model.version})", 404)
+
+    def _check_model(self, request: web.Request) -> None:
+        self.check_model(request.match_info["name"], request.match_info.get("version"))
 
     # ----------------------------------------------------------------- routes
     async def server_metadata(self, _request: web.Request) -> web.Response:
@@ -77,26 +82,27 @@ class Server:
     async def server_ready(self, _request: web.Request) -> web.Response:
         if self.ready:
             return _json({"ready": True})
-        return _json({"ready": False, "reason": self._not_ready_reason()}, 503)
+        return _json({"ready": False, "reason": self.not_ready_reason()}, 503)
 
-    def _not_ready_reason(self) -> str:
+    def not_ready_reason(self) -> str:
         return "shutting down" if self.draining else self.model.not_ready_reason or "not ready"
 
     async def model_ready(self, request: web.Request) -> web.Response:
         self._check_model(request)
         return await self.server_ready(request)
 
+    def metadata(self) -> dict[str, Any]:
+        if self.model.spec is None:
+            raise Unavailable(f"model {self.model.name!r} is not loaded yet ({self.not_ready_reason()})")
+        return self.model.metadata()
+
     async def model_metadata(self, request: web.Request) -> web.Response:
         self._check_model(request)
-        if self.model.spec is None:
-            raise Unavailable(f"model {self.model.name!r} is not loaded yet ({self._not_ready_reason()})")
-        return _json(self.model.metadata())
+        return _json(self.metadata())
 
     async def model_config(self, request: web.Request) -> web.Response:
         self._check_model(request)
-        if self.model.spec is None:
-            raise Unavailable(f"model {self.model.name!r} is not loaded yet ({self._not_ready_reason()})")
-        meta = self.model.metadata()
+        meta = self.metadata()
         return _json(
             {
                 "name": self.model.name,
@@ -120,36 +126,64 @@ class Server:
             }
         )
 
-    async def infer(self, request: web.Request) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+    @contextlib.contextmanager
+    def tracked(self) -> Iterator[Outcome]:
+        """Count one inference request (REST or gRPC) in flight and, when done, in the metrics with its status."""
+        outcome = Outcome(asyncio.get_running_loop().time())
         self.inflight += 1
         self._idle.clear()
         self.metrics.inflight.inc()
-        status = 500
         try:
-            response = await self._infer(request, started)
-            status = response.status
-            return response
-        except RequestError as e:
-            status = e.status
-            headers = {"Retry-After": "1"} if e.status in (429, 503) else None
-            return _error(e.status, e.message, headers)
-        except Exception as e:  # a bug: answer, log, keep serving
-            log.exception("unexpected error in infer")
-            return _error(500, f"internal error: {type(e).__name__}")
+            yield outcome
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
-            self.metrics.request(status)
-            self.metrics.request_duration.observe(loop.time() - started)
+            self.metrics.request(outcome.status)
+            self.metrics.request_duration.observe(asyncio.get_running_loop().time() - outcome.started)
             if self.inflight == 0:
                 self._idle.set()
+
+    async def predict(self, parsed: InferRequest, deadline: float | None) -> list[OutputTensor]:
+        """Validate a parsed request against the model, queue it, wait for its rows (at most until ``deadline``,
+        loop time) and return its outputs."""
+        if not self.model.ready or self.batcher is None:
+            raise Unavailable(f"model {self.model.name!r} is not ready ({self.not_ready_reason()})")
+        payload, size = self.model.prepare(parsed)
+        future = self.batcher.submit(payload, size, deadline)
+        if deadline is None:
+            logits = await future
+        else:
+            try:
+                logits = await asyncio.wait_for(future, max(deadline - asyncio.get_running_loop().time(), 0))
+            except TimeoutError:
+                raise RequestError("deadline exceeded", 504) from None
+        return self.model.outputs_for(logits, parsed)
+
+    def deadline(self, started: float, seconds: float | None, timeout_us: int | None) -> float | None:
+        """The earliest of the transport's deadline (``seconds`` after ``started``: Kiln-Timeout-Ms, gRPC's) and the
+        request's ``timeout`` parameter; else the default timeout, if any. Loop time."""
+        limits = [x for x in (seconds, timeout_us / 1e6 if timeout_us else None) if x is not None]
+        if not limits and self.config.default_timeout_ms > 0:
+            limits.append(self.config.default_timeout_ms / 1000)
+        return started + min(limits) if limits else None
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
+        with self.tracked() as outcome:
+            try:
+                response = await self._infer(request, outcome.started)
+            except RequestError as e:
+                outcome.status = e.status
+                return _error(e.status, e.message, {"Retry-After": "1"} if e.status in (429, 503) else None)
+            except Exception as e:  # a bug: answer, log, keep serving
+                log.exception("unexpected error in infer")
+                return _error(500, f"internal error: {type(e).__name__}")
+            outcome.status = response.status
+            return response
 
     async def _infer(self, request: web.Request, started: float) -> web.Response:
         self._check_model(request)
         if not self.model.ready or self.batcher is None:
-            raise Unavailable(f"model {self.model.name!r} is not ready ({self._not_ready_reason()})")
+            raise Unavailable(f"model {self.model.name!r} is not ready ({self.not_ready_reason()})")
         limit = self.config.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
@@ -171,17 +205,7 @@ class Server:
             except ValueError:
                 raise BadRequest(f"Inference-Header-Content-Length: not an integer: {header[:50]!r}") from None
         parsed = parse_infer_request(body, header_length)
-        payload, size = self.model.prepare(parsed)
-        deadline = self._deadline(request, parsed.timeout_us, started)
-        future = self.batcher.submit(payload, size, deadline)
-        if deadline is None:
-            logits = await future
-        else:
-            try:
-                logits = await asyncio.wait_for(future, max(deadline - asyncio.get_running_loop().time(), 0))
-            except TimeoutError:
-                raise RequestError("deadline exceeded", 504) from None
-        outputs = self.model.outputs_for(logits, parsed)
+        outputs = await self.predict(parsed, self.deadline(started, _timeout_header(request), parsed.timeout_us))
         binary = {o.name: (parsed.outputs or {}).get(o.name, parsed.binary_output) for o in outputs}
         try:
             body_out, head_len = encode_response(self.model.name, self.model.version, parsed.id, outputs, binary)
@@ -198,23 +222,6 @@ class Server:
         if self.draining:
             resp.force_close()  # no new requests on this connection: we are going away
         return resp
-
-    def _deadline(self, request: web.Request, timeout_us: int | None, started: float) -> float | None:
-        header = request.headers.get(DEADLINE_HEADER)
-        seconds: float | None = None
-        if header is not None:
-            try:
-                ms = float(header)
-            except ValueError:
-                raise BadRequest(f"{DEADLINE_HEADER}: must be a number of milliseconds, got {header[:50]!r}") from None
-            if not ms > 0 or ms == float("inf"):
-                raise BadRequest(f"{DEADLINE_HEADER}: must be a finite number > 0, got {header[:50]!r}")
-            seconds = ms / 1000
-        elif timeout_us:
-            seconds = timeout_us / 1e6
-        elif self.config.default_timeout_ms > 0:
-            seconds = self.config.default_timeout_ms / 1000
-        return None if seconds is None else started + seconds
 
     async def metrics_handler(self, _request: web.Request) -> web.Response:
         if self.batcher is not None:
@@ -263,9 +270,11 @@ class Server:
                 except OSError as e:
                     raise StartupError(ExitCode.PORT, f"cannot listen on {self.config.host}:{port}: {e}") from e
                 self._sites.append(site)
+            grpc_at = await self._start_grpc()
             log.info(
-                "listening on %s (inference) and %s (metrics); loading %s",
+                "listening on %s (inference), %s (gRPC) and %s (metrics); loading %s",
                 _bound(runner),
+                grpc_at,
                 _bound(metrics_runner),
                 self.config.model_uri,
             )
@@ -297,10 +306,35 @@ class Server:
             await self._shutdown(runner)
             return ExitCode.OK
         finally:
+            if self._grpc is not None:
+                await self._grpc.stop(0)
             await runner.cleanup()
             await metrics_runner.cleanup()
             if self.batcher is not None:
                 await self.batcher.stop()
+
+    async def _start_grpc(self) -> str:
+        """The gRPC endpoint on its own port (grpcio's asyncio server, on this event loop); "off" when disabled."""
+        if self.config.grpc_port is None:
+            return "off"
+        self._grpc = grpc.aio.server(
+            handlers=[GrpcService(self).handler()],
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_body_bytes),
+                ("grpc.so_reuseport", 0),  # a port in use must fail here (exit 6), not be shared silently
+            ],
+        )
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        try:
+            port = self._grpc.add_insecure_port(address)
+        except RuntimeError as e:
+            port, reason = 0, str(e)
+        else:
+            reason = "port in use?"
+        if not port:
+            raise StartupError(ExitCode.PORT, f"cannot listen on {address} (gRPC): {reason}")
+        await self._grpc.start()
+        return f"{self.config.host}:{port}"
 
     async def _shutdown(self, runner: web.AppRunner) -> None:
         """Not ready at once; keep serving for the shutdown delay (endpoints take a moment to drop this pod);
@@ -313,8 +347,12 @@ class Server:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_forever(), self.config.shutdown_delay_s)
         log.info("draining: %d requests in flight", self.inflight)
-        # Stop accepting connections; open ones stay until their requests finish.
+        # Stop accepting connections; open ones stay until their requests finish. gRPC: no new calls (GOAWAY),
+        # calls under way may run until the grace period ends.
         await self._sites[0].stop()
+        grpc_stopped = None
+        if self._grpc is not None:
+            grpc_stopped = asyncio.ensure_future(self._grpc.stop(max(grace_end - time.monotonic(), 0)))
         try:
             await asyncio.wait_for(self._drain(), max(grace_end - time.monotonic(), 0))
             log.info("drained; exiting")
@@ -325,6 +363,8 @@ class Server:
                 await asyncio.sleep(0)
         if self.batcher is not None:
             self.batcher.close()
+        if grpc_stopped is not None:
+            await grpc_stopped
 
     async def _drain(self) -> None:
         while self.inflight:
@@ -336,6 +376,28 @@ class Server:
 
 async def _forever() -> None:
     await asyncio.Event().wait()
+
+
+def _timeout_header(request: web.Request) -> float | None:
+    """Kiln-Timeout-Ms in seconds, or None."""
+    header = request.headers.get(DEADLINE_HEADER)
+    if header is None:
+        return None
+    try:
+        ms = float(header)
+    except ValueError:
+        raise BadRequest(f"{DEADLINE_HEADER}: must be a number of milliseconds, got {header[:50]!r}") from None
+    if not ms > 0 or ms == float("inf"):
+        raise BadRequest(f"{DEADLINE_HEADER}: must be a finite number > 0, got {header[:50]!r}")
+    return ms / 1000
+
+
+@dataclass
+class Outcome:
+    """What one tracked request ended with (the status counted in the metrics; 500 unless set)."""
+
+    started: float
+    status: int = 500
 
 
 def _bound(runner: web.AppRunner) -> str:

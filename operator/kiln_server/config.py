@@ -21,6 +21,7 @@ class Config:
     verify: str = "full"
     host: str = "0.0.0.0"
     port: int = 8080
+    grpc_port: int | None = 8081
     metrics_port: int = 9090
     provider: str = "auto"
     device_id: int = 0
@@ -71,6 +72,10 @@ def _port(text: str) -> int:
     return value
 
 
+def _port_or_off(text: str) -> int | None:
+    return None if text.strip().lower() == "off" else _port(text)
+
+
 def _bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -109,6 +114,7 @@ OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "verify": ("KILN_SERVER_VERIFY", _choice(("full", "lazy")), "artifact verification: full (default) or lazy"),
     "host": ("KILN_SERVER_HOST", _text, "address to listen on (default 0.0.0.0)"),
     "port": ("KILN_SERVER_PORT", _port, "inference and health port (default 8080)"),
+    "grpc_port": ("KILN_SERVER_GRPC_PORT", _port_or_off, "Open Inference Protocol over gRPC (default 8081; off: none)"),
     "metrics_port": ("KILN_SERVER_METRICS_PORT", _port, "Prometheus /metrics port (default 9090)"),
     "provider": ("KILN_SERVER_PROVIDER", _choice(PROVIDERS), "execution provider: auto (default), cpu, cuda, tensorrt"),
     "device_id": ("KILN_SERVER_DEVICE_ID", _non_negative_int, "GPU index for cuda/tensorrt (default 0)"),
@@ -179,6 +185,11 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     if "model_uri" not in values:
         raise UsageError("--model-uri (or $KILN_MODEL_URI) is required")
     config = Config(**values)
-    if config.port == config.metrics_port and config.port != 0:
-        raise UsageError(f"--metrics-port: must differ from --port (both {config.port})")
+    ports = {"--port": config.port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port}
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port and port in seen:
+            raise UsageError(f"{flag}: must differ from {seen[port]} (both {port})")
+        if port:
+            seen[port] = flag
     return config

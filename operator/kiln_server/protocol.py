@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _shape(where: str, value: Any) -> tuple[int, ...]:
+def parse_shape(where: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise BadRequest(f"{where}.shape: must be a list of integers, got {type(value).__name__}")
     if len(value) > MAX_DIMS:
@@ -133,7 +133,7 @@ def _json_numeric(where: str, datatype: str, data: Any, shape: tuple[int, ...]) 
         raise BadRequest(f"{where}.data: cannot be represented as {datatype}") from None
 
 
-def _binary_bytes(where: str, chunk: bytes, count: int) -> list[bytes]:
+def split_bytes(where: str, chunk: bytes, count: int) -> list[bytes]:
     out: list[bytes] = []
     pos, end = 0, len(chunk)
     while pos < end:
@@ -158,7 +158,7 @@ def _parameters(where: str, value: Any) -> dict[str, Any]:
     return value
 
 
-def _name(where: str, value: Any) -> str:
+def check_name(where: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise BadRequest(f"{where}.name: must be a non-empty string, got {value!r}"[:300])
     if len(value) > MAX_NAME:
@@ -206,14 +206,14 @@ def parse_infer_request(body: bytes, header_length: int | None = None) -> InferR
         unknown = set(item) - {"name", "shape", "datatype", "parameters", "data"}
         if unknown:
             raise BadRequest(f"{where}: unknown field(s) {', '.join(sorted(map(repr, unknown)))}"[:300])
-        name = _name(where, item.get("name"))
+        name = check_name(where, item.get("name"))
         where = f"input {name!r}"
         if name in inputs:
             raise BadRequest(f"{where}: given twice")
         datatype = item.get("datatype")
         if datatype not in DATATYPES:
             raise BadRequest(f"{where}.datatype: must be one of {', '.join(DATATYPES)}, got {datatype!r}"[:300])
-        shape = _shape(where, item.get("shape"))
+        shape = parse_shape(where, item.get("shape"))
         count = math.prod(shape)
         tparams = _parameters(where, item.get("parameters"))
         size = tparams.get("binary_data_size")
@@ -230,7 +230,7 @@ def parse_infer_request(body: bytes, header_length: int | None = None) -> InferR
             chunk = binary[offset : offset + size]
             offset += size
             if datatype == "BYTES":
-                data: np.ndarray | list[bytes] = _binary_bytes(where, chunk, count)
+                data: np.ndarray | list[bytes] = split_bytes(where, chunk, count)
             else:
                 dtype = DTYPES[datatype]
                 if size != count * dtype.itemsize:
@@ -267,7 +267,7 @@ def parse_infer_request(body: bytes, header_length: int | None = None) -> InferR
             where = f"outputs[{i}]"
             if not isinstance(item, dict):
                 raise BadRequest(f"{where}: must be an object, got {type(item).__name__}")
-            name = _name(where, item.get("name"))
+            name = check_name(where, item.get("name"))
             oparams = _parameters(f"output {name!r}", item.get("parameters"))
             binary_data = oparams.get("binary_data", binary_output)
             if not isinstance(binary_data, bool):
@@ -286,9 +286,13 @@ class OutputTensor:
     data: np.ndarray | Sequence[str]
 
 
-def _bytes_binary(items: Iterable[str]) -> bytes:
+def raw_bytes(out: OutputTensor) -> bytes:
+    """The binary form of an output (the binary extension's, gRPC's raw contents): row-major little-endian
+    elements; BYTES elements each after a 4-byte little-endian length."""
+    if isinstance(out.data, np.ndarray):
+        return np.ascontiguousarray(out.data, dtype=DTYPES[out.datatype]).tobytes()
     parts: list[bytes] = []
-    for s in items:
+    for s in out.data:
         b = s.encode()
         parts.append(struct.pack("<I", len(b)))
         parts.append(b)
@@ -311,10 +315,7 @@ def encode_response(
     for out in outputs:
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.shape)}
         if binary.get(out.name, False):
-            if isinstance(out.data, np.ndarray):
-                raw = np.ascontiguousarray(out.data, dtype=DTYPES[out.datatype]).tobytes()
-            else:
-                raw = _bytes_binary(out.data)
+            raw = raw_bytes(out)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif isinstance(out.data, np.ndarray):

@@ -234,6 +234,11 @@ INVALID: dict[str, tuple[str, dict[str, Any], list[str]]] = {
         ["spec.resources.gpus", "a GPU execution provider needs resources.gpus >= 1"],
     ),
     "md-port": (MD, {"spec": {"service": {"port": 70000}}}, ["spec.service.port", "less than or equal to 65535"]),
+    "md-grpc-port-clash": (
+        MD,
+        {"spec": {"service": {"port": 8081}}},
+        ["spec.service.grpcPort", "port and grpcPort must differ"],
+    ),
     "md-no-runtime-image": (MD, {"spec": {"runtime": {"image": DELETE}}}, ["spec.runtime.image", "Required value"]),
     "md-negative-replicas": (MD, {"spec": {"replicas": -1}}, ["spec.replicas", "greater than or equal to 0"]),
     "md-zero-weight": (
@@ -366,6 +371,7 @@ DEFAULTS = {
         ("rollout", "analysis", "maxErrorRate"): 0.01,
         ("service", "type"): "ClusterIP",
         ("service", "port"): 8080,
+        ("service", "grpcPort"): 8081,
     },
 }
 

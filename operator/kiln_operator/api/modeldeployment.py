@@ -170,6 +170,12 @@ SPEC = obj(
                 "port": integer(
                     "Service port (HTTP, Open Inference Protocol).", minimum=1, maximum=65535, default=8080
                 ),
+                "grpcPort": integer(
+                    "Service port of the Open Inference Protocol over gRPC (appProtocol kubernetes.io/h2c).",
+                    minimum=1,
+                    maximum=65535,
+                    default=8081,
+                ),
                 "gateway": obj(
                     "Gateway API: an HTTPRoute <name> to a Service per revision (<name>-<digest[:10]>), whose "
                     "backend weights are the canary weights exactly (without it, the split follows replica "
@@ -203,6 +209,13 @@ SPEC = obj(
                 ),
             },
             default={},
+            rules=[
+                rule(
+                    "!has(self.port) || !has(self.grpcPort) || self.port != self.grpcPort",
+                    "port and grpcPort must differ",
+                    field=".grpcPort",
+                )
+            ],
         ),
         "resources": common.resources("Per replica.", gpus_help="Only with a GPU execution provider."),
         "scheduling": common.scheduling(queue=False),
@@ -259,6 +272,7 @@ STATUS = obj(
         "readyReplicas": integer("Ready serving pods.", minimum=0),
         "selector": string("Label selector of the serving pods (for the scale subresource and HPAs).", max_length=1024),
         "url": string("Cluster-local URL of the Service.", max_length=2048),
+        "grpcAddress": string("Cluster-local host:port of the Service's gRPC port.", max_length=2048),
         "routeUrl": string("URL through the Gateway, when service.gateway names host names.", max_length=2048),
         "route": string("The HTTPRoute, when service.gateway is set.", max_length=253),
         "current": REVISION,

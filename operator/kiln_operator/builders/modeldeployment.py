@@ -31,6 +31,7 @@ from kiln_operator.resources import MODEL_DEPLOYMENT
 Obj = dict[str, Any]
 CONTAINER = "server"
 HTTP_PORT = 8080
+GRPC_PORT = 8081
 METRICS_PORT = 9090
 MD_LABEL = "kiln.dev/modeldeployment"
 REVISION_LABEL = "kiln.dev/revision"
@@ -92,6 +93,12 @@ def service_url(md: Mapping[str, Any]) -> str:
     return f"http://{base(meta['name'])}.{meta['namespace']}.svc.cluster.local:{port}"
 
 
+def grpc_address(md: Mapping[str, Any]) -> str:
+    meta, spec = md["metadata"], md.get("spec") or {}
+    port = (spec.get("service") or {}).get("grpcPort") or GRPC_PORT
+    return f"{base(meta['name'])}.{meta['namespace']}.svc.cluster.local:{port}"
+
+
 def _threads(spec: Mapping[str, Any]) -> int:
     """intraOpThreads 0 means one per CPU: the container's CPU request, not the node's cores ORT would see."""
     runtime = spec.get("runtime") or {}
@@ -111,6 +118,7 @@ def _server_env(md: Mapping[str, Any], uri: str, digest: str | None) -> list[Obj
         "KILN_MODEL_URI": uri,
         "KILN_MODEL_NAME": meta["name"],
         "KILN_SERVER_PORT": str(HTTP_PORT),
+        "KILN_SERVER_GRPC_PORT": str(GRPC_PORT),
         "KILN_SERVER_METRICS_PORT": str(METRICS_PORT),
         "KILN_SERVER_PROVIDER": PROVIDERS[runtime.get("executionProvider") or "CPUExecutionProvider"],
         "KILN_SERVER_MAX_BATCH_SIZE": str(runtime.get("maxBatchSize") or 32),
@@ -180,6 +188,7 @@ def deployment(
         "env": [e for e in user_env if e["name"] not in kiln_names] + kiln_env,
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
         "resources": container_resources(spec),
@@ -270,9 +279,24 @@ def service(md: Mapping[str, Any]) -> Obj:
         "spec": {
             "type": svc.get("type") or "ClusterIP",
             "selector": selector(meta["name"]),
-            "ports": [{"name": "http", "port": svc.get("port") or HTTP_PORT, "targetPort": "http", "protocol": "TCP"}],
+            "ports": service_ports(spec),
         },
     }
+
+
+def service_ports(spec: Mapping[str, Any]) -> list[Obj]:
+    """REST and gRPC (h2c: Gateways and meshes then route HTTP/2 per call, not per connection)."""
+    svc = spec.get("service") or {}
+    return [
+        {"name": "http", "port": svc.get("port") or HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+        {
+            "name": "grpc",
+            "port": svc.get("grpcPort") or GRPC_PORT,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": "kubernetes.io/h2c",
+        },
+    ]
 
 
 def pod_disruption_budget(md: Mapping[str, Any]) -> Obj:
@@ -350,7 +374,6 @@ def revision_service_name(md: str, key: str) -> str:
 def revision_service(md: Mapping[str, Any], key: str) -> Obj:
     """With a Gateway: one Service per revision, so the HTTPRoute can weigh revisions exactly."""
     meta, spec = md["metadata"], md.get("spec") or {}
-    port = (spec.get("service") or {}).get("port") or HTTP_PORT
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -361,7 +384,7 @@ def revision_service(md: Mapping[str, Any], key: str) -> Obj:
         },
         "spec": {
             "selector": {**selector(meta["name"]), REVISION_LABEL: key},
-            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+            "ports": service_ports(spec),
         },
     }
 

@@ -579,6 +579,7 @@ def _report(
     status["readyReplicas"] = ready
     status["selector"] = ",".join(f"{k}={v}" for k, v in b.selector(md["metadata"]["name"]).items())
     status["url"] = b.service_url(md)
+    status["grpcAddress"] = b.grpc_address(md)
     for name, rev in (("current", stable), ("candidate", candidate)):
         if rev is not None:
             status[name] = rev.report()
