@@ -176,7 +176,7 @@ class GrpcService:
             try:
                 return (await fn(_decode(kind, raw))).SerializeToString()
             except RequestError as e:
-                await context.abort(CODES[e.status], e.message)
+                await context.abort(CODES.get(e.status, grpc.StatusCode.UNKNOWN), e.message)
 
         return grpc.unary_unary_rpc_method_handler(handle)  # bytes in, bytes out: decoding is ours
 
@@ -228,7 +228,7 @@ class GrpcService:
                 body = encode_response(server.model.name, server.model.version, parsed.id, outputs)
             except RequestError as e:
                 outcome.status = e.status
-                await context.abort(CODES[e.status], e.message)
+                await context.abort(CODES.get(e.status, grpc.StatusCode.UNKNOWN), e.message)
             except asyncio.CancelledError:  # the client cancelled, or its deadline passed while we waited
                 remaining = context.time_remaining()
                 outcome.status = 504 if remaining is not None and remaining <= 0 else 499
