@@ -28,6 +28,8 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND until it su
 leftovers() { pgrep -f -- "$dir/" || true; }
 
 down() {
+  # The real node first, while the API server still answers: its pods are deleted, its host changes undone.
+  if [ -d "$dir/real-node" ]; then "$repo/hack/real-node.sh" down || true; fi
   if [ -d "$dir" ]; then
     log "deleting cluster $NAME ($dir)"
     kwokctl delete cluster --name "$NAME" >&2 || true
@@ -39,17 +41,26 @@ down() {
     wait_for 20 "leftover processes to exit" test -z "$(leftovers)" || kill -9 $(leftovers) 2>/dev/null || true
   fi
   rm -rf "$dir"
+  "$repo/hack/local-routes.sh" release "$dir"
 }
 
 up() {
   "$repo/hack/build-control-plane.sh" >&2
+  if [ "${KILN_REAL_NODE:-1}" != 0 ]; then "$repo/hack/build-node.sh" >&2; fi
   if [ -f "$KUBECONFIG_PATH" ] && k get --raw /readyz >/dev/null 2>&1; then
     log "cluster $NAME is already up"
+    "$repo/hack/local-routes.sh" claim "$dir"
   else
     down
+    # Before anything can connect: simulated pod IPs and Service IPs stay on this machine.
+    "$repo/hack/local-routes.sh" claim "$dir"
     log "creating cluster $NAME in $KWOK_WORKDIR (kubernetes v$K8S_VERSION, etcd v$ETCD_VERSION, kwok v$KWOK_VERSION)"
     kwokctl create cluster --name "$NAME" --runtime binary -c "$repo/hack/kwok/kwokctl.yaml" \
       --kubeconfig "" --wait 120s \
+      --extra-args "kube-apiserver=kubelet-client-certificate=$dir/pki/admin.crt" \
+      --extra-args "kube-apiserver=kubelet-client-key=$dir/pki/admin.key" \
+      --extra-args "kube-apiserver=kubelet-preferred-address-types=InternalIP,Hostname" \
+      --extra-args "kube-apiserver=enable-admission-plugins=PodNodeSelector,PodTolerationRestriction" \
       --kube-apiserver-binary "$BIN/kube-apiserver" \
       --kube-controller-manager-binary "$BIN/kube-controller-manager" \
       --kube-scheduler-binary "$BIN/kube-scheduler" \
@@ -58,8 +69,17 @@ up() {
   fi
   k apply -f "$repo/hack/kwok/nodes.yaml" >&2
   wait_for 120 "nodes Ready" k wait --for=condition=Ready node --all --timeout=5s
+  # With a real node, ordinary pods run for real: the simulated CPU node takes only pods that tolerate it (tests
+  # that need kwok's failure hooks). Without one, it is where CPU pods go.
+  if [ "${KILN_REAL_NODE:-1}" != 0 ]; then
+    k taint node kiln-cpu-0 kwok.x-k8s.io/node=fake:NoSchedule --overwrite >&2
+  else
+    k taint node kiln-cpu-0 kwok.x-k8s.io/node- >&2 2>/dev/null || true
+  fi
   # The default ServiceAccount appears once kube-controller-manager runs; pods can't be created before.
   wait_for 120 "ServiceAccount default/default" k get serviceaccount default -n default
+  # One real node (kubelet, containerd, kube-proxy, cluster DNS, default StorageClass) beside the simulated ones.
+  if [ "${KILN_REAL_NODE:-1}" != 0 ]; then "$repo/hack/real-node.sh" up >&2; fi
   log "cluster $NAME ready: export KUBECONFIG=$KUBECONFIG_PATH"
 }
 

@@ -8,6 +8,11 @@ hack/venv.sh
 echo "[test] ruff" >&2
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
 hack/build-control-plane.sh
+# The real node beside the simulated ones, and Kiln's images for it (KILN_REAL_NODE=0: simulated nodes only).
+if [ "${KILN_REAL_NODE:-1}" != 0 ]; then
+  hack/build-node.sh
+  hack/images.sh build
+fi
 hack/prometheus.sh  # a real Prometheus for the canary analysis tests (they skip without it, except under CI)
 # Real labelled images for the artifact tests, from Debian (they skip without it, except under CI).
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
@@ -21,9 +26,14 @@ fi
 
 # The test cluster lives in a work directory of its own; whatever happens, nothing of it survives the run.
 export KILN_TEST_WORKDIR=${KILN_TEST_WORKDIR:-$(mktemp -d /tmp/kiln-test.XXXXXX)}
+# What the host looks like before the cluster: links, routes, rules, mounts, cgroups, runtime dirs and processes.
+hack/real-node.sh snapshot >"$KILN_TEST_WORKDIR.host-before"
 cleanup() {
   KWOK_WORKDIR=$KILN_TEST_WORKDIR KILN_CLUSTER_NAME=kiln-test hack/cluster.sh down || true
   rm -rf "$KILN_TEST_WORKDIR"
+}
+host_left() { # what the run left on this machine (empty when nothing)
+  hack/real-node.sh snapshot | diff "$KILN_TEST_WORKDIR.host-before" - | grep '^[<>]' || true
 }
 trap cleanup EXIT
 
@@ -40,6 +50,15 @@ if [ $rc -eq 5 ]; then echo "[test] FAIL: no tests ran" >&2; exit 1; fi
 left=$(pgrep -f -- "$KILN_TEST_WORKDIR/" || true)
 if [ -n "$left" ]; then
   echo "[test] FAIL: control-plane processes left behind: $(ps -o pid=,args= -p ${left//$'\n'/,} | cut -c1-120)" >&2
+  exit 1
+fi
+cleanup
+trap - EXIT
+left=$(host_left)
+rm -f "$KILN_TEST_WORKDIR.host-before"
+if [ -n "$left" ]; then
+  echo "[test] FAIL: the host is not as it was before the tests (< before, > after):" >&2
+  echo "$left" >&2
   exit 1
 fi
 exit $rc

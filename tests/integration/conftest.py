@@ -103,7 +103,7 @@ def operator_account(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory)
 def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     # Deterministic prefix plus a random suffix: tests in one session never share a namespace.
     name = f"t-{request.node.name[:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
+    cluster.create_namespace(name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 

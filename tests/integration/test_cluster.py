@@ -1,14 +1,20 @@
 """The local control plane is real and gives later issues what they test against: GPU and CPU nodes,
 scheduling by extended resources and taints, Jobs that run to completion, and injectable pod failures."""
 
+import asyncio
+import ipaddress
 import json
+import subprocess
+import time
 from typing import Any
 
 import kr8s
 import pytest
-from harness import REPO, Cluster
+from harness import REPO, SIMULATED_TAINT, Cluster
 from kr8s.objects import Pod, object_from_spec
 from waiting import wait_for
+
+from kiln_operator.analysis import AnalysisUnavailable, scrape
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
@@ -77,7 +83,9 @@ def test_versions_are_the_pinned_ones(cluster: Cluster):
 
 
 def test_nodes_one_cpu_and_two_gpu_pools(cluster: Cluster):
-    nodes = {n["metadata"]["name"]: n for n in cluster.get("nodes")["items"]}
+    all_nodes = cluster.get("nodes")["items"]
+    real = [n for n in all_nodes if n["metadata"].get("labels", {}).get("kiln.dev/node-kind") == "real"]
+    nodes = {n["metadata"]["name"]: n for n in all_nodes if n["metadata"].get("labels", {}).get("type") == "kwok"}
     gpu = {name: n for name, n in nodes.items() if n["status"]["allocatable"].get("nvidia.com/gpu")}
     cpu = {name: n for name, n in nodes.items() if name not in gpu}
     assert len(gpu) >= 2
@@ -89,8 +97,10 @@ def test_nodes_one_cpu_and_two_gpu_pools(cluster: Cluster):
         assert n["metadata"]["labels"]["nvidia.com/gpu.product"]
         assert int(n["metadata"]["labels"]["nvidia.com/gpu.memory"]) > 0
         assert {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"} in n["spec"]["taints"]
+    # Beside a real node, the simulated CPU node takes only the pods that ask for it (SIMULATED_NAMESPACE_ANNOTATIONS).
+    expected = [{"key": SIMULATED_TAINT, "value": "fake", "effect": "NoSchedule"}] if real else []
     for n in cpu.values():
-        assert not n["spec"].get("taints")
+        assert n["spec"].get("taints", []) == expected
 
 
 def test_gpu_pod_runs_on_a_gpu_node_and_cpu_pod_on_the_cpu_node(api: kr8s.Api, namespace: str):
@@ -196,3 +206,53 @@ def test_deleted_pods_go_away(api: kr8s.Api, namespace: str):
     wait_for(lambda: phase(pod) == "Running", what="pod Running")
     pod.delete()
     wait_for(lambda: not pod.exists(), what="pod gone")
+
+
+SIMULATED_POD_CIDR = ipaddress.ip_network("10.245.0.0/16")  # kwok-controller's --cidr (hack/kwok/kwokctl.yaml)
+SERVICE_CIDR = ipaddress.ip_network("10.0.0.0/24")  # the API server's Service range
+
+
+def route_to(address: str) -> str:
+    """What this machine does with a packet for `address`: `ip route get`'s answer, or its error."""
+    done = subprocess.run(["ip", "route", "get", address], capture_output=True, text=True, check=False)
+    return (done.stdout + done.stderr).strip()
+
+
+def test_simulated_pod_and_service_ips_never_leave_this_machine(cluster: Cluster, api: kr8s.Api, namespace: str):
+    pod = create(api, pod_spec("addressed", namespace))
+    wait_for(lambda: phase(pod) == "Running", what="pod Running")
+    pod_ip = pod.raw["status"]["podIP"]
+    assert ipaddress.ip_address(pod_ip) in SIMULATED_POD_CIDR
+    svc = create(
+        api,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "addressed", "namespace": namespace},
+            "spec": {"selector": {"app": "none"}, "ports": [{"port": 80}]},
+        },
+    )
+    cluster_ips = [
+        svc.raw["spec"]["clusterIP"],
+        cluster.get("service", "kubernetes", "-n", "default")["spec"]["clusterIP"],
+    ]
+    gateway = subprocess.run(["ip", "route", "show", "default"], capture_output=True, text=True, check=True).stdout
+    for address in [pod_ip, *cluster_ips]:
+        route = route_to(address)
+        # Either unreachable here (an error at once) or a local device (the real node's bridge); never a gateway.
+        assert " via " not in route, f"{address} would leave this machine: {route} (default: {gateway.strip()})"
+    assert all(ipaddress.ip_address(ip) in SERVICE_CIDR for ip in cluster_ips)
+    assert "unreachable" in route_to(pod_ip) or "No route to host" in route_to(pod_ip)
+
+
+def test_direct_scrape_of_a_simulated_pod_fails_at_once(api: kr8s.Api, namespace: str):
+    """The canary analysis without Prometheus scrapes pods' /metrics: a simulated pod's IP is refused here, at once,
+    with the reason (not after the request timeout, and not by a host somewhere else)."""
+    pod = create(api, pod_spec("scraped", namespace))
+    wait_for(lambda: phase(pod) == "Running", what="pod Running")
+    url = f"http://{pod.raw['status']['podIP']}:9090/metrics"
+    start = time.monotonic()
+    with pytest.raises(AnalysisUnavailable, match="No route to host") as failed:
+        asyncio.run(scrape([url], timeout=30))
+    assert time.monotonic() - start < 10, "failed by the timeout, not by the local route"
+    assert url in str(failed.value)

@@ -227,6 +227,31 @@ def test_gateway_route_gets_exact_canary_weights(cluster: Cluster, namespace: st
     assert route["metadata"]["ownerReferences"][0]["name"] == "routed"
 
 
+def test_canary_without_prometheus_waits_when_its_pods_cannot_be_scraped(cluster: Cluster, namespace: str, operator):
+    """Without Prometheus the analysis scrapes the pods directly. Simulated pods have addresses that are unreachable
+    on this machine: the verdict is Unavailable at once, with the reason, and the canary holds its step."""
+    canary = {
+        "strategy": "Canary",
+        "steps": [{"weight": 50, "pauseSeconds": 0}, {"weight": 100}],
+        "analysis": {"intervalSeconds": 5, "minRequests": 1},
+    }
+    apply(cluster, namespace, serving("unscraped", rollout=canary))
+    wait_for(lambda: status(cluster, namespace, "md/unscraped").get("phase") == "Ready", what="Ready")
+    patch = {"spec": {"source": {"uri": "file:///models/v2", "digest": "sha256:" + "d" * 64}}}
+    cluster.kubectl("patch", "-n", namespace, "md/unscraped", "--type=merge", "-p", json.dumps(patch))
+    st = wait_for(
+        lambda: (
+            (s := status(cluster, namespace, "md/unscraped")).get("analysis", {}).get("verdict") == "Unavailable" and s
+        ),
+        what="an Unavailable analysis",
+        timeout=90,
+    )
+    assert "No route to host" in st["analysis"]["message"], st["analysis"]
+    assert st["candidate"]["digest"] == "sha256:" + "d" * 64
+    assert st["canaryWeight"] == 50
+    assert condition(st, "RolledBack").get("status") != "True"
+
+
 # ---------------------------------------------------------------- canary on real metrics
 
 

@@ -74,7 +74,7 @@ def test_operator_reconciles_samples_and_spec_changes(cluster: Cluster, namespac
 
 def test_namespaced_operator_leaves_other_namespaces_alone(cluster: Cluster, crds: None, namespace: str):
     other = f"{namespace}-other"
-    cluster.kubectl("create", "namespace", other)
+    cluster.create_namespace(other)
     try:
         sample = str(REPO / "manifests/samples/trainingjob.yaml")
         cluster.kubectl("apply", "-n", other, "-f", sample)  # created first...

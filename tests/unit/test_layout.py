@@ -44,3 +44,23 @@ def test_kwok_config_keeps_the_default_stages():
     docs = list(yaml.safe_load_all((REPO / "hack/kwok/kwokctl.yaml").read_text()))
     stages = {d["metadata"]["name"] for d in docs if d["kind"] == "Stage"}
     assert {"node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete"} <= stages
+
+
+def test_simulated_pods_get_addresses_apart_from_services_that_this_machine_routes_locally():
+    import ipaddress
+    import re
+
+    docs = list(yaml.safe_load_all((REPO / "hack/kwok/kwokctl.yaml").read_text()))
+    (config,) = [d for d in docs if d["kind"] == "KwokctlConfiguration"]
+    (kwok,) = [p for p in config["componentsPatches"] if p["name"] == "kwok-controller"]
+    args = {a["key"]: a["value"] for a in kwok["extraArgs"]}
+    routes = dict(re.findall(r"^(SERVICE_CIDR|SIM_POD_CIDR)=(\S+)", (REPO / "hack/local-routes.sh").read_text(), re.M))
+    pods, services = ipaddress.ip_network(args["cidr"]), ipaddress.ip_network(routes["SERVICE_CIDR"])
+    assert pods == ipaddress.ip_network(routes["SIM_POD_CIDR"])
+    assert not pods.overlaps(services)
+    assert ipaddress.ip_address(config["options"]["kubeApiserverCertSANs"][0]) == services[1]  # the kubernetes Service
+    # kwok plays only the annotated nodes: a real node's status has one writer, its kubelet.
+    assert args["manage-all-nodes"] == "false"
+    assert args["manage-nodes-with-annotation-selector"] == "kwok.x-k8s.io/node=fake"
+    nodes = list(yaml.safe_load_all((REPO / "hack/kwok/nodes.yaml").read_text()))
+    assert all(n["metadata"]["annotations"]["kwok.x-k8s.io/node"] == "fake" for n in nodes)

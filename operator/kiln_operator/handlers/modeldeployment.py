@@ -83,7 +83,8 @@ class ModelDeployments(Controller):
         self.sent: dict[tuple[Key, str, str], str] = {}  # (object, kind, name) -> what we last applied
         self.fresh: dict[Key, dict[str, dict[str, Any]]] = {}  # Deployments we applied, newer than the watch
         self.baselines: dict[tuple[Key, str, int, int], dict[str, am.Counters]] = {}  # direct-scrape windows
-        self.failed: dict[tuple[Key, str, int, int], float] = {}  # baselines that could not be read, until when
+        # Baselines that could not be read: until when not to try again, and why (the analysis verdict says it).
+        self.failed: dict[tuple[Key, str, int, int], tuple[float, str]] = {}
 
     def forget(self, key: Key) -> None:
         super().forget(key)
@@ -194,12 +195,12 @@ class ModelDeployments(Controller):
             _, stable = self._revision_keys(deployments, rev.number)
             for which in (rev.key, stable):
                 mark = (key, which or "", rev.number, rev.step)
-                if not which or mark in self.baselines or time.monotonic() < self.failed.get(mark, 0):
+                if not which or mark in self.baselines or time.monotonic() < self.failed.get(mark, (0, ""))[0]:
                     continue
                 try:
                     self.baselines[mark] = await am.scrape(self._targets(pods, which))
                 except am.AnalysisUnavailable as e:
-                    self.failed[mark] = time.monotonic() + 30  # unreachable pods: not on every pass
+                    self.failed[mark] = (time.monotonic() + 30, str(e))  # unreachable pods: not on every pass
                     log.info("no baseline for %s/%s revision %s: %s", *key, which, e)
 
     async def measure(
@@ -223,7 +224,8 @@ class ModelDeployments(Controller):
                 else:
                     base = self.baselines.get((key, which, due.revision, due.step))
                     if base is None:
-                        raise am.AnalysisUnavailable(f"no baseline scrape of revision {which} for this step yet")
+                        why = self.failed.get((key, which, due.revision, due.step), (0, "not taken yet"))[1]
+                        raise am.AnalysisUnavailable(f"no baseline scrape of revision {which} for this step: {why}")
                     samples.append(am.since(await am.scrape(self._targets(pods, which)), base))
         except am.AnalysisUnavailable as e:
             return life.Analysis(due.revision, due.step, due.window, error=str(e)[:512])

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Builds the real node's programs from the Go module proxy (nothing else is downloaded) into $KILN_BIN_DIR,
+# outside the checkout: kubelet, kube-proxy, containerd (+ ctr and its runc shim, in containerd2/), crictl, CoreDNS,
+# local-path-provisioner, and the pause binary (compiled from the k8s.io/kubernetes module's C source).
+# Idempotent: a program that already reports its pinned version is not rebuilt.
+# runc, the CNI plugins and the packet filter tools come from Debian (hack/real-node.sh installs them).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+. "$here/versions.env"
+KILN_CACHE=${KILN_CACHE:-$HOME/.cache/kiln}
+BIN=${KILN_BIN_DIR:-$KILN_CACHE/bin}
+SRC=$KILN_CACHE/src
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+mkdir -p "$BIN" "$SRC"
+log() { printf '[node-build %(%H:%M:%S)T] %s\n' -1 "$*"; }
+reports() { # reports BINARY EXPECTED ARGS...: true when BINARY's output of ARGS contains EXPECTED
+  local b=$1 want=$2 out; shift 2
+  # Capture first: `| grep -q` under pipefail fails at random when grep exits early (SIGPIPE).
+  [ -x "$BIN/$b" ] && out=$("$BIN/$b" "$@" 2>&1) && [[ $out == *"$want"* ]]
+}
+built_from() { # built_from BINARY MODULE VERSION: true when `go install` built BINARY from MODULE@VERSION
+  local out
+  [ -x "$BIN/$1" ] && out=$(go version -m "$BIN/$1" 2>/dev/null) && [[ $out == *$'\tmod\t'"$2"$'\t'"$3"$'\t'* ]]
+}
+progress() { # progress WHAT COMMAND...: run COMMAND, saying every 30 s that it still runs
+  local what=$1 t0=$SECONDS pid; shift
+  "$@" & pid=$!
+  while ! wait_tick "$pid"; do log "  ... $what: $((SECONDS - t0)) s"; done
+  wait "$pid"
+}
+wait_tick() { # true once PID has exited (within 30 s), false if it still runs
+  local i
+  for i in $(seq 30); do kill -0 "$1" 2>/dev/null || return 0; sleep 1; done
+  return 1
+}
+start=$SECONDS
+
+# --- kubelet and kube-proxy: the control plane's recipe (wrapper module, a replace line per staging module), in a
+# module of their own so that the control-plane build stays as it is; the Go build cache is shared.
+if reports kubelet "Kubernetes v$K8S_VERSION" --version && reports kube-proxy "Kubernetes v$K8S_VERSION" --version; then
+  log "kubelet, kube-proxy v$K8S_VERSION: up to date"
+else
+  t0=$SECONDS
+  log "kubelet, kube-proxy v$K8S_VERSION: building (1-2 min after the control plane, 4-5 min on an empty build cache)"
+  d=$SRC/k8s-node-$K8S_VERSION; mkdir -p "$d"; cd "$d"
+  [ -f go.mod ] || go mod init local/k8snode >/dev/null
+  stg="v0.${K8S_VERSION#1.}"; minor=$(cut -d. -f2 <<<"$K8S_VERSION")
+  modfile=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | python3 -c 'import json,sys;print(json.load(sys.stdin)["GoMod"])')
+  for m in $(awk '$1 ~ /^k8s\.io\// && $2=="v0.0.0" {print $1}' "$modfile"); do
+    go mod edit -replace="$m=$m@$stg"
+  done
+  for c in kubelet kube-proxy; do
+    log "go get -tool $c"
+    go get -tool "k8s.io/kubernetes/cmd/$c@v$K8S_VERSION"
+  done
+  ldf="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldf+=" -X $p.gitVersion=v$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+    ldf+=" -X $p.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  done
+  for c in kubelet kube-proxy; do
+    log "go build $c"
+    progress "$c" go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$ldf" -o "$BIN/$c" "k8s.io/kubernetes/cmd/$c"
+  done
+  log "kubelet, kube-proxy built in $((SECONDS - t0)) s"
+fi
+
+# --- containerd, ctr and the runc shim: a directory of their own, so that a Debian containerd beside them is never
+# picked up by PATH; real-node.sh names each by its path. No replace directives: plain `go install` works.
+ctrd=containerd2
+if reports $ctrd/containerd "v$CONTAINERD_VERSION" --version && reports $ctrd/ctr "v$CONTAINERD_VERSION" --version &&
+  reports $ctrd/containerd-shim-runc-v2 "v$CONTAINERD_VERSION" -v; then
+  log "containerd v$CONTAINERD_VERSION: up to date"
+else
+  t0=$SECONDS
+  log "containerd v$CONTAINERD_VERSION: building (about 2 min)"
+  m=github.com/containerd/containerd/v2
+  # btrfs, devmapper and zfs snapshotters are not used (overlayfs is); leaving them out keeps cgo out.
+  progress containerd env GOBIN="$BIN/$ctrd" go install -trimpath -tags no_btrfs,no_devmapper,no_zfs \
+    -ldflags "-s -w -X $m/version.Version=v$CONTAINERD_VERSION" \
+    "$m/cmd/containerd@v$CONTAINERD_VERSION" "$m/cmd/ctr@v$CONTAINERD_VERSION" \
+    "$m/cmd/containerd-shim-runc-v2@v$CONTAINERD_VERSION"
+  log "containerd built in $((SECONDS - t0)) s"
+fi
+
+# --- crictl: removes pod sandboxes through the CRI at teardown (network teardown included).
+if reports crictl "v$CRI_TOOLS_VERSION" --version; then
+  log "crictl v$CRI_TOOLS_VERSION: up to date"
+else
+  t0=$SECONDS
+  log "crictl v$CRI_TOOLS_VERSION: building"
+  progress crictl env GOBIN="$BIN" go install -trimpath \
+    -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=v$CRI_TOOLS_VERSION" \
+    "sigs.k8s.io/cri-tools/cmd/crictl@v$CRI_TOOLS_VERSION"
+  log "crictl built in $((SECONDS - t0)) s"
+fi
+
+# --- CoreDNS with its default plugin set (the module's plugin.cfg); its version is a constant in the source.
+if reports coredns "CoreDNS-$COREDNS_VERSION" -version; then
+  log "coredns v$COREDNS_VERSION: up to date"
+else
+  t0=$SECONDS
+  log "coredns v$COREDNS_VERSION: building (2-5 min: the default plugins bring cloud SDKs)"
+  progress coredns env GOBIN="$BIN" go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@v$COREDNS_VERSION"
+  log "coredns built in $((SECONDS - t0)) s"
+fi
+
+# --- local-path-provisioner: its --version is a constant (0.0.1), so the module version recorded in the binary is
+# what is checked. No replace directives: plain `go install` works.
+lpp=github.com/rancher/local-path-provisioner
+if built_from local-path-provisioner "$lpp" "v$LOCAL_PATH_PROVISIONER_VERSION"; then
+  log "local-path-provisioner v$LOCAL_PATH_PROVISIONER_VERSION: up to date"
+else
+  t0=$SECONDS
+  log "local-path-provisioner v$LOCAL_PATH_PROVISIONER_VERSION: building"
+  progress local-path-provisioner env GOBIN="$BIN" go install -trimpath -ldflags "-s -w" "$lpp@v$LOCAL_PATH_PROVISIONER_VERSION"
+  log "local-path-provisioner built in $((SECONDS - t0)) s"
+fi
+
+# --- pause: the pod sandbox's only process, from the C source in the k8s.io/kubernetes module (as upstream builds it:
+# static, -Os). real-node.sh wraps it in the image kiln.local/pause:$PAUSE_VERSION.
+if reports "pause-$PAUSE_VERSION" "v$PAUSE_VERSION" -v; then
+  log "pause v$PAUSE_VERSION: up to date"
+else
+  for p in gcc libc6-dev; do
+    dpkg -s "$p" >/dev/null 2>&1 && continue
+    log "installing $p (Debian) to compile pause"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null
+  done
+  k8sdir=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | python3 -c 'import json,sys;print(json.load(sys.stdin)["Dir"])')
+  tag=$(awk '$1 == "TAG" {print $3}' "$k8sdir/build/pause/Makefile")
+  if [ "$tag" != "$PAUSE_VERSION" ]; then
+    log "WARNING: k8s.io/kubernetes v$K8S_VERSION builds pause $tag, versions.env pins $PAUSE_VERSION"
+  fi
+  log "pause v$PAUSE_VERSION: compiling build/pause/linux/pause.c"
+  gcc -Os -Wall -Werror -static -DVERSION="v$PAUSE_VERSION" -o "$BIN/pause-$PAUSE_VERSION.tmp" "$k8sdir/build/pause/linux/pause.c"
+  strip "$BIN/pause-$PAUSE_VERSION.tmp"
+  mv "$BIN/pause-$PAUSE_VERSION.tmp" "$BIN/pause-$PAUSE_VERSION"
+fi
+log "node binaries ready in $BIN ($((SECONDS - start)) s)"
