@@ -6,33 +6,12 @@
 # runc, the CNI plugins and the packet filter tools come from Debian (hack/real-node.sh installs them).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=versions.env
-. "$here/versions.env"
-KILN_CACHE=${KILN_CACHE:-$HOME/.cache/kiln}
-BIN=${KILN_BIN_DIR:-$KILN_CACHE/bin}
-SRC=$KILN_CACHE/src
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
-mkdir -p "$BIN" "$SRC"
-log() { printf '[node-build %(%H:%M:%S)T] %s\n' -1 "$*"; }
-reports() { # reports BINARY EXPECTED ARGS...: true when BINARY's output of ARGS contains EXPECTED
-  local b=$1 want=$2 out; shift 2
-  # Capture first: `| grep -q` under pipefail fails at random when grep exits early (SIGPIPE).
-  [ -x "$BIN/$b" ] && out=$("$BIN/$b" "$@" 2>&1) && [[ $out == *"$want"* ]]
-}
+LOG_PREFIX=node-build
+# shellcheck source=lib/go-build.sh
+. "$here/lib/go-build.sh"
 built_from() { # built_from BINARY MODULE VERSION: true when `go install` built BINARY from MODULE@VERSION
   local out
   [ -x "$BIN/$1" ] && out=$(go version -m "$BIN/$1" 2>/dev/null) && [[ $out == *$'\tmod\t'"$2"$'\t'"$3"$'\t'* ]]
-}
-progress() { # progress WHAT COMMAND...: run COMMAND, saying every 30 s that it still runs
-  local what=$1 t0=$SECONDS pid; shift
-  "$@" & pid=$!
-  while ! wait_tick "$pid"; do log "  ... $what: $((SECONDS - t0)) s"; done
-  wait "$pid"
-}
-wait_tick() { # true once PID has exited (within 30 s), false if it still runs
-  local i
-  for i in $(seq 30); do kill -0 "$1" 2>/dev/null || return 0; sleep 1; done
-  return 1
 }
 start=$SECONDS
 
@@ -43,26 +22,7 @@ if reports kubelet "Kubernetes v$K8S_VERSION" --version && reports kube-proxy "K
 else
   t0=$SECONDS
   log "kubelet, kube-proxy v$K8S_VERSION: building (1-2 min after the control plane, 4-5 min on an empty build cache)"
-  d=$SRC/k8s-node-$K8S_VERSION; mkdir -p "$d"; cd "$d"
-  [ -f go.mod ] || go mod init local/k8snode >/dev/null
-  stg="v0.${K8S_VERSION#1.}"; minor=$(cut -d. -f2 <<<"$K8S_VERSION")
-  modfile=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | python3 -c 'import json,sys;print(json.load(sys.stdin)["GoMod"])')
-  for m in $(awk '$1 ~ /^k8s\.io\// && $2=="v0.0.0" {print $1}' "$modfile"); do
-    go mod edit -replace="$m=$m@$stg"
-  done
-  for c in kubelet kube-proxy; do
-    log "go get -tool $c"
-    go get -tool "k8s.io/kubernetes/cmd/$c@v$K8S_VERSION"
-  done
-  ldf="-s -w"
-  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldf+=" -X $p.gitVersion=v$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
-    ldf+=" -X $p.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  done
-  for c in kubelet kube-proxy; do
-    log "go build $c"
-    progress "$c" go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$ldf" -o "$BIN/$c" "k8s.io/kubernetes/cmd/$c"
-  done
+  build_kubernetes "$SRC/k8s-node-$K8S_VERSION" kubelet kube-proxy
   log "kubelet, kube-proxy built in $((SECONDS - t0)) s"
 fi
 
