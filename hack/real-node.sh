@@ -6,6 +6,8 @@
 #   hack/real-node.sh down      delete its pods, stop everything it started, undo every change it made to the host
 #   hack/real-node.sh status    whether it runs, and its processes
 #   hack/real-node.sh snapshot  the host state it touches, normalized: compare one taken before `up` with one after `down`
+#   hack/real-node.sh share CLAIM NAMESPACE...  a volume per namespace for the claim CLAIM there, all the same directory
+#                               (StorageClass kiln-shared: the local stand-in for a shared file system); idempotent
 # Settings: KILN_CLUSTER_NAME (default kiln), KWOK_WORKDIR (default <repo>/.kwok), KILN_CACHE, KILN_BIN_DIR.
 # Needs root. One real node per machine: its ports (10250, ...), the bridge and /run/kiln-node are global.
 #
@@ -463,6 +465,37 @@ status() {
   return $rc
 }
 
+share() { # share CLAIM NAMESPACE...: pre-bound hostPath volumes, one per namespace, of one directory on the node
+  local claim=${1:?usage: $0 share CLAIM NAMESPACE...} ns
+  shift
+  [[ $claim =~ ^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$ ]] || die "share: claim name $claim: must be a DNS label"
+  [ -f "$ADMIN" ] || die "share: no cluster in $dir"
+  # Writable by every pod's non-root user, as local-path-provisioner's volumes are (hack/node/local-path/setup).
+  mkdir -p -m 0777 "$NODE/volumes/shared/$claim"
+  chmod 0777 "$NODE/volumes/shared/$claim"
+  for ns in "$@"; do
+    k apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: $claim-$ns
+  labels: {kiln.dev/shared-claim: $claim}
+spec:
+  storageClassName: kiln-shared
+  capacity: {storage: 20Gi}
+  accessModes: [ReadWriteOnce, ReadWriteMany]
+  persistentVolumeReclaimPolicy: Retain
+  claimRef: {namespace: $ns, name: $claim}
+  hostPath: {path: $NODE/volumes/shared/$claim, type: Directory}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [$NODE_NAME]}]
+YAML
+    log "volume $claim-$ns: claim $ns/$claim is $NODE/volumes/shared/$claim (StorageClass kiln-shared)"
+  done
+}
+
 snapshot() { # what the node may change on the host, in a stable form (diff one before `up` with one after `down`)
   set +e +o pipefail  # a listing that finds nothing is not an error here
   echo "## links"; ip -o link show | awk '{sub(/@[^:]*:$/, ":", $2); print $2, $3}'
@@ -493,5 +526,6 @@ case ${1:-} in
   down) down ;;
   status) status ;;
   snapshot) snapshot ;;
-  *) echo "usage: $0 up|down|status|snapshot" >&2; exit 2 ;;
+  share) shift; share "$@" ;;
+  *) echo "usage: $0 up|down|status|snapshot|share CLAIM NAMESPACE..." >&2; exit 2 ;;
 esac

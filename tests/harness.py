@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from kopf.testing import KopfRunner
 
@@ -46,6 +47,15 @@ SIMULATED_NAMESPACE_ANNOTATIONS = {
 }
 
 
+# The real node (hack/real-node.sh) and the images built here (hack/images.sh) that it runs.
+REAL_NODE = "kiln-real-0"
+IMAGES = {name: f"kiln/{name}:0.1.0" for name in ("operator", "trainer", "compressor", "server")}
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
+
+
 @dataclass
 class Cluster:
     kubeconfig: str
@@ -69,6 +79,20 @@ class Cluster:
         if simulated:
             meta["annotations"] = SIMULATED_NAMESPACE_ANNOTATIONS
         self.kubectl("create", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": meta}))
+
+    def real_node(self) -> dict[str, Any]:
+        """The real node; the test skips without one (KILN_REAL_NODE=0), except under CI, where it fails."""
+        found = self.kubectl("get", "node", REAL_NODE, "-o", "json", check=False)
+        if found.returncode:
+            if os.environ.get("CI"):
+                pytest.fail(f"no real node {REAL_NODE} in the test cluster (hack/real-node.sh): {found.stderr.strip()}")
+            pytest.skip(f"no real node {REAL_NODE} (KILN_REAL_NODE=0, or hack/real-node.sh could not start one)")
+        return json.loads(found.stdout)
+
+    def env(self) -> dict[str, str]:
+        """The environment hack/ scripts need to act on this cluster (a kwokctl cluster's work directory layout)."""
+        d = Path(self.kubeconfig).parent
+        return {**os.environ, "KWOK_WORKDIR": str(d.parent.parent), "KILN_CLUSTER_NAME": d.name}
 
 
 def service_account_kubeconfig(

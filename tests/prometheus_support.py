@@ -54,10 +54,18 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 @contextlib.contextmanager
 def run_prometheus(
-    tmp: Path, targets: Sequence[tuple[str, Mapping[str, str]]], *, scrape_interval: str = "1s"
+    tmp: Path,
+    targets: Sequence[tuple[str, Mapping[str, str]]],
+    *,
+    scrape_interval: str = "1s",
+    discovery: Mapping[str, object] | None = None,
+    expected: int | None = None,
+    listen: str = "127.0.0.1",
 ) -> Iterator[str]:
-    """Prometheus scraping `targets` ((host:port, target labels) pairs) every `scrape_interval`; yields its base URL
-    once it is ready and has scraped every target successfully, and stops it (SIGTERM, then SIGKILL) on exit."""
+    """Prometheus scraping `targets` ((host:port, target labels) pairs) every `scrape_interval`, or the targets a
+    `discovery` scrape config finds (`expected` of them); yields its base URL once it is ready and has scraped every
+    target successfully, and stops it (SIGTERM, then SIGKILL) on exit. It listens on `listen` (loopback, or an
+    address of this machine that pods reach)."""
     binary = prometheus_binary()
     if binary is None:
         raise RuntimeError("prometheus not installed: hack/prometheus.sh")
@@ -68,7 +76,9 @@ def run_prometheus(
         # scrape_timeout defaults to 10s, which Prometheus refuses when it is longer than the interval.
         "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval},
         "scrape_configs": [
-            {
+            dict(discovery)
+            if discovery
+            else {
                 "job_name": "kiln-server",
                 "metrics_path": "/metrics",
                 "static_configs": [{"targets": [address], "labels": dict(labels)} for address, labels in targets],
@@ -77,12 +87,12 @@ def run_prometheus(
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     log_path = work / "prometheus.log"
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{listen}:{port}"
     args = [
         binary,
         f"--config.file={work / 'prometheus.yml'}",
         f"--storage.tsdb.path={work / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
+        f"--web.listen-address={listen}:{port}",
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -99,10 +109,11 @@ def run_prometheus(
                 return False
             # Targets show up only after the discovery manager's first update (about 5 s after the start).
             active = json.loads(body)["data"]["activeTargets"] if status == 200 else []
-            return len(active) == len(targets) and all(t["health"] == "up" for t in active)
+            return len(active) == want and all(t["health"] == "up" for t in active)
 
+        want = len(targets) if expected is None else expected
         try:
-            wait_for(ready, what=f"prometheus on {url} ready with {len(targets)} targets up", timeout=60, interval=0.2)
+            wait_for(ready, what=f"prometheus on {url} ready with {want} targets up", timeout=60, interval=0.2)
         except AssertionError as e:
             raise AssertionError(f"{e}\nprometheus log tail:\n{_tail(log_path)}") from None
         yield url

@@ -83,6 +83,26 @@ def image_artifact(root: str) -> tuple[str, Path]:
         return _image_artifact(root, KilnCNN(10).eval())
 
 
+class Broken:
+    """A model that loads and warms up (zeros) but fails at inference on real input: its Gather index runs out of
+    bounds for any non-zero pixel, and ONNX Runtime refuses, so the server answers 500."""
+
+    @staticmethod
+    def build():
+        import torch
+
+        class Module(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.table = torch.nn.Parameter(torch.randn(1, 10))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                index = (x.flatten(1).abs().sum(1) > 0).long() * 1000
+                return self.table[index]
+
+        return Module().eval()
+
+
 def _image_artifact(root: str, model: Any) -> tuple[str, Path]:
     import torch
 

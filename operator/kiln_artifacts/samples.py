@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import struct
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -272,3 +273,24 @@ def load_minilm(folder: str | os.PathLike[str] | None = None) -> Any:
     from transformers import AutoModel  # heavy: imported only here
 
     return AutoModel.from_pretrained(str(folder or minilm_dir()), local_files_only=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kiln_artifacts.samples NAME URI``: publish a packaged dataset (a pipeline's first step, in a Job)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kiln_artifacts.samples", description=main.__doc__)
+    parser.add_argument("name", choices=["digits", "fashion-mnist", "minilm"])
+    parser.add_argument("uri", help="where to publish it: pvc://, file:// or s3://")
+    args = parser.parse_args(argv)
+    try:
+        art = publish_minilm(args.uri) if args.name == "minilm" else publish_dataset(args.name, args.uri)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"uri": art.uri, "digest": art.digest}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

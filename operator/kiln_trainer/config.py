@@ -30,6 +30,8 @@ EXTRA_KEYS = {
     "maxSeqLength": "text: tokens per example (int 8..512, default 64)",
     "evalBatchSize": "examples per evaluation batch (int >= 1, default 256)",
     "progressIntervalSeconds": "minimum seconds between progress-file writes (float >= 0, default 5)",
+    "inputWaitSeconds": "how long to wait for dataset.uri and model.uri to be published, by an earlier step of a "
+    "pipeline applied together with this job (int 0..86400, default 0: absent inputs fail at once)",
 }
 
 
@@ -260,4 +262,5 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     cfg.extra_int("maxSeqLength", 64, 8, 512)
     cfg.extra_int("evalBatchSize", 256, 1, 1_000_000)
     cfg.extra_float("progressIntervalSeconds", 5.0, 0.0)
+    cfg.extra_int("inputWaitSeconds", 0, 0, 86400)
     return cfg

@@ -10,6 +10,8 @@ too, for hand-made data. Formats, named by ``format`` in ``dataset.json``:
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ import kiln_artifacts as ka
 from kiln_artifacts import samples
 
 from .report import InfrastructureError, UserError
+
+log = logging.getLogger("kiln_trainer")
+_INPUT_POLL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -40,28 +45,36 @@ class Dataset:
     source: Source
 
 
-def resolve(uri: str, field: str) -> Source:
-    """Load (and verify) the artifact at ``uri``; a plain local folder is accepted as is."""
-    try:
-        art = ka.load(uri)
-        return Source(uri, art.root, art.digest)
-    except ka.ArtifactNotFoundError as e:
-        local = ka.parse_uri(uri).local_path()
-        if local is not None and local.is_dir():
-            return Source(uri, local, None)
-        raise UserError(f"{field} {uri}: not found ({e})") from None
-    except (ka.IntegrityError, ka.InvalidManifestError) as e:
-        raise UserError(f"{field} {uri}: {e}") from None
-    except ka.InvalidURIError as e:
-        raise UserError(f"{field}: {e}") from None
-    except (ka.CredentialsError, OSError) as e:
-        raise InfrastructureError(f"{field} {uri}: storage unreachable: {type(e).__name__}: {e}") from None
+def resolve(uri: str, field: str, wait_seconds: float = 0) -> Source:
+    """Load (and verify) the artifact at ``uri``; a plain local folder is accepted as is. An artifact not published
+    yet is waited for up to ``wait_seconds`` (publication is atomic: once its manifest is there, it is complete)."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            art = ka.load(uri)
+            return Source(uri, art.root, art.digest)
+        except ka.ArtifactNotFoundError as e:
+            local = ka.parse_uri(uri).local_path()
+            if local is not None and local.is_dir():
+                return Source(uri, local, None)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" after waiting {wait_seconds:g} s" if wait_seconds else ""
+                raise UserError(f"{field} {uri}: not found{waited} ({e})") from None
+        except (ka.IntegrityError, ka.InvalidManifestError) as e:
+            raise UserError(f"{field} {uri}: {e}") from None
+        except ka.InvalidURIError as e:
+            raise UserError(f"{field}: {e}") from None
+        except (ka.CredentialsError, OSError) as e:
+            raise InfrastructureError(f"{field} {uri}: storage unreachable: {type(e).__name__}: {e}") from None
+        log.info("waiting for %s %s to be published (%.0f s left)", field, uri, left)
+        time.sleep(min(_INPUT_POLL_SECONDS, left))
 
 
-def load_dataset(uri: str, task: str | None) -> Dataset:
+def load_dataset(uri: str, task: str | None, wait_seconds: float = 0) -> Dataset:
     import numpy as np
 
-    src = resolve(uri, "dataset.uri")
+    src = resolve(uri, "dataset.uri", wait_seconds)
     info_path = src.path / "dataset.json"
     try:
         info = json.loads(info_path.read_text())
@@ -120,9 +133,9 @@ def load_dataset(uri: str, task: str | None) -> Dataset:
     return Dataset(formats[fmt], [str(c) for c in classes], *splits["train"], *test, source=src)
 
 
-def check_model_dir(uri: str, task: str) -> tuple[Source, dict[str, Any]]:
+def check_model_dir(uri: str, task: str, wait_seconds: float = 0) -> tuple[Source, dict[str, Any]]:
     """The base model: a folder with config.json and weights (transformers, or a Kiln CNN for images)."""
-    src = resolve(uri, "model.uri")
+    src = resolve(uri, "model.uri", wait_seconds)
     try:
         config = json.loads((src.path / "config.json").read_text())
     except FileNotFoundError:

@@ -8,6 +8,7 @@ when the trainer runs without torchrun (README "Trainer").
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -158,11 +159,12 @@ class Trainer:
         from . import data
 
         cfg = self.cfg
-        dataset = data.load_dataset(cfg.dataset_uri, cfg.extra.get("task"))
+        wait = cfg.extra_int("inputWaitSeconds", 0, 0, 86400)
+        dataset = data.load_dataset(cfg.dataset_uri, cfg.extra.get("task"), wait)
         self.dataset = dataset
         model_src = None
         if cfg.model_uri is not None:
-            model_src, _ = data.check_model_dir(cfg.model_uri, dataset.task)
+            model_src, _ = data.check_model_dir(cfg.model_uri, dataset.task, wait)
         elif dataset.task == "text-classification":
             raise UserError("model.uri: text-classification fine-tunes a pretrained model; set model.uri")
         self.model_src = model_src
@@ -437,7 +439,7 @@ class Trainer:
                 loss_sum.zero_()
                 loss_count = 0
                 if self.dist.main:
-                    log.info("kiln-progress %s", self.progress.state)
+                    log.info("kiln-progress %s", json.dumps(self.progress.state, separators=(",", ":")))
             end_of_epoch = step % self.steps_per_epoch == 0
             if self.dist.main and (
                 (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)

@@ -317,7 +317,7 @@ def test_mutable_fields_change(cluster: Cluster, crds: None, namespace: str):
     cluster.kubectl("create", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
     changed = merged(doc, {"spec": {"suspend": True, "hyperparameters": {"learningRate": 1e-5}}})
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(changed))
-    spec = cluster.get("tj/sentiment-minilm", "-n", namespace)["spec"]
+    spec = cluster.get("tj/classifier", "-n", namespace)["spec"]
     assert spec["suspend"] is True
     assert spec["hyperparameters"]["learningRate"] == 1e-5
 
@@ -406,19 +406,19 @@ def test_kubectl_explain_prints_the_descriptions(cluster: Cluster, crds: None, f
 
 def test_scale_subresource_drives_replicas(cluster: Cluster, crds: None, namespace: str):
     cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLES / MD))
-    cluster.kubectl("scale", "-n", namespace, "md/sentiment", "--replicas=5")
-    assert cluster.get("md/sentiment", "-n", namespace)["spec"]["replicas"] == 5
-    status = {"status": {"replicas": 5, "readyReplicas": 4, "selector": "kiln.dev/deployment=sentiment"}}
+    cluster.kubectl("scale", "-n", namespace, "md/classifier", "--replicas=5")
+    assert cluster.get("md/classifier", "-n", namespace)["spec"]["replicas"] == 5
+    status = {"status": {"replicas": 5, "readyReplicas": 4, "selector": "kiln.dev/deployment=classifier"}}
     cluster.kubectl(
-        "patch", "-n", namespace, "md/sentiment", "--subresource=status", "--type=merge", "-p", json.dumps(status)
+        "patch", "-n", namespace, "md/classifier", "--subresource=status", "--type=merge", "-p", json.dumps(status)
     )
     raw = cluster.kubectl(
-        "get", "--raw", f"/apis/kiln.dev/v1alpha1/namespaces/{namespace}/modeldeployments/sentiment/scale"
+        "get", "--raw", f"/apis/kiln.dev/v1alpha1/namespaces/{namespace}/modeldeployments/classifier/scale"
     ).stdout
     scale = json.loads(raw)
     assert scale["kind"] == "Scale"
     assert scale["spec"]["replicas"] == 5
-    assert scale["status"] == {"replicas": 5, "selector": "kiln.dev/deployment=sentiment"}
+    assert scale["status"] == {"replicas": 5, "selector": "kiln.dev/deployment=classifier"}
 
 
 CONDITION = {
@@ -436,7 +436,7 @@ FULL_STATUS = {
         "phase": "Running",
         "startTime": "2026-11-22T10:00:00Z",
         "attempt": 2,
-        "jobName": "sentiment-minilm-a2",
+        "jobName": "classifier-a2",
         "restarts": {"infrastructure": 1, "user": 0},
         "preemptions": 1,
         "pods": {"pending": 0, "running": 1, "succeeded": 0, "failed": 0},
@@ -519,8 +519,8 @@ FULL_STATUS = {
         "phase": "Progressing",
         "replicas": 3,
         "readyReplicas": 2,
-        "selector": "kiln.dev/deployment=sentiment",
-        "url": "http://sentiment.ns.svc.cluster.local:8080",
+        "selector": "kiln.dev/deployment=classifier",
+        "url": "http://classifier.ns.svc.cluster.local:8080",
         "current": {"revision": 1, "uri": "u", "digest": "d", "shortDigest": "s", "deployment": "sentiment-r1"},
         "candidate": {"revision": 2, "uri": "u2", "digest": "d2", "shortDigest": "s2", "deployment": "sentiment-r2"},
         "canaryWeight": 10,
@@ -564,7 +564,7 @@ def test_printer_columns(cluster: Cluster, crds: None, namespace: str):
         "patch",
         "-n",
         namespace,
-        "tj/sentiment-minilm",
+        "tj/classifier",
         "--subresource=status",
         "--type=merge",
         "-p",
@@ -572,4 +572,4 @@ def test_printer_columns(cluster: Cluster, crds: None, namespace: str):
     )
     header, row = cluster.kubectl("get", "-n", namespace, "tj").stdout.splitlines()
     assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "DIGEST", "AGE"]
-    assert row.split()[:5] == ["sentiment-minilm", "Running", "50", "0.25", "b" * 12]
+    assert row.split()[:5] == ["classifier", "Running", "50", "0.25", "b" * 12]

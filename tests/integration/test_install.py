@@ -201,9 +201,7 @@ def test_namespaced_component_is_enough_to_run_the_operator(
         with run_operator(f"--namespace={namespace}"):
             wait_for(
                 lambda: (
-                    cluster.get("trainingjob/sentiment-minilm", "-n", namespace)
-                    .get("status", {})
-                    .get("observedGeneration")
+                    cluster.get("trainingjob/classifier", "-n", namespace).get("status", {}).get("observedGeneration")
                     == 1
                 ),
                 what="the TrainingJob reconciled under the namespaced RBAC",

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from harness import REPO, Cluster, run_operator
 from prometheus_support import require_prometheus, run_prometheus
-from server_support import ServerProcess, _image_artifact, image_request
+from server_support import Broken, ServerProcess, _image_artifact, image_request
 from waiting import wait_for
 
 D1 = "sha256:" + "a" * 64
@@ -253,26 +253,6 @@ def test_canary_without_prometheus_waits_when_its_pods_cannot_be_scraped(cluster
 
 
 # ---------------------------------------------------------------- canary on real metrics
-
-
-class Broken:
-    """A model that loads and warms up (zeros) but fails at inference on real input: its Gather index runs out of
-    bounds for any non-zero pixel, and ONNX Runtime refuses, so the server answers 500."""
-
-    @staticmethod
-    def build():
-        import torch
-
-        class Module(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.table = torch.nn.Parameter(torch.randn(1, 10))
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                index = (x.flatten(1).abs().sum(1) > 0).long() * 1000
-                return self.table[index]
-
-        return Module().eval()
 
 
 def image_model(root: Path, seed: int | None) -> ka.Artifact:

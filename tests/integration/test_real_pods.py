@@ -20,14 +20,11 @@ import kiln_artifacts as ka
 import numpy as np
 import pytest
 import yaml
-from harness import PERMISSION_ERROR, REPO, Cluster, run_operator
+from harness import IMAGES, PERMISSION_ERROR, REAL_NODE, REPO, RESTRICTED, Cluster, run_operator
 from kiln_artifacts import samples
 from kiln_artifacts.k8s import pvc_volume
 from waiting import wait_for
 
-REAL_NODE = "kiln-real-0"
-VERSION = "0.1.0"
-IMAGES = {name: f"kiln/{name}:{VERSION}" for name in ("operator", "trainer", "compressor", "server")}
 POD_SECURITY = {
     "runAsNonRoot": True,
     "runAsUser": 65532,
@@ -56,23 +53,14 @@ def apply(cluster: Cluster, ns: str, *bodies: dict) -> None:
 
 @pytest.fixture(scope="module")
 def real_node(cluster: Cluster) -> dict:
-    found = cluster.kubectl("get", "node", REAL_NODE, "-o", "json", check=False)
-    if found.returncode:
-        if os.environ.get("CI"):
-            pytest.fail(f"no real node {REAL_NODE} in the test cluster (hack/real-node.sh): {found.stderr.strip()}")
-        pytest.skip(f"no real node {REAL_NODE} (KILN_REAL_NODE=0, or hack/real-node.sh could not start one)")
-    return json.loads(found.stdout)
+    return cluster.real_node()
 
 
 @pytest.fixture
 def real_namespace(cluster: Cluster, real_node: dict, request: pytest.FixtureRequest) -> Iterator[str]:
     """A namespace whose pods run for real, under the restricted Pod Security Standard (enforced)."""
     name = f"r-{request.node.name[5:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:6]}"
-    labels = {
-        "pod-security.kubernetes.io/enforce": "restricted",
-        "pod-security.kubernetes.io/enforce-version": "latest",
-    }
-    cluster.create_namespace(name, simulated=False, labels=labels)
+    cluster.create_namespace(name, simulated=False, labels=RESTRICTED)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 

@@ -206,7 +206,7 @@ def test_trainer_contract_env():
     assert spec["hyperparameters"]["epochs"] == 3
     assert spec["model"]["uri"].startswith("hf://")
     assert value(job, "KILN_JOB_NAMESPACE") == "team-a"
-    assert value(job, "KILN_JOB_NAME") == "sentiment-minilm"
+    assert value(job, "KILN_JOB_NAME") == "classifier"
     assert value(job, "KILN_JOB_UID") == body["metadata"]["uid"]
     assert value(job, "KILN_IMAGE") == trainer(job)["image"] == "kiln/trainer:0.1.0"
 
@@ -349,7 +349,7 @@ def test_pod_template_merges_but_cannot_replace_what_kiln_owns():
     check_structure(job)
     meta = job["spec"]["template"]["metadata"]
     assert meta["labels"]["team"] == "nlp"
-    assert meta["labels"][b.TJ_LABEL] == "sentiment-minilm"
+    assert meta["labels"][b.TJ_LABEL] == "classifier"
     assert meta["annotations"] == {"a": "b"}
     spec, c = pod(job), trainer(job)
     assert spec["terminationGracePeriodSeconds"] == 900
@@ -405,3 +405,24 @@ def test_image_default():
     assert trainer(b.indexed_job(body, 1, image_default="kiln/trainer:9"))["image"] == "kiln/trainer:9"
     with pytest.raises(ValueError, match="image"):
         b.indexed_job(body, 1)
+
+
+@pytest.mark.parametrize(
+    ("resources", "per_node", "user_env", "expected"),
+    [
+        ({"cpu": "3", "memory": "4Gi"}, 1, [], "3"),
+        ({"cpu": "3", "memory": "4Gi"}, 2, [], "1"),
+        ({"cpu": "500m", "memory": "1Gi"}, 1, [], "1"),
+        ({"cpu": "4", "memory": "4Gi"}, 1, [{"name": "OMP_NUM_THREADS", "value": "7"}], "7"),
+        ({"cpu": "8", "memory": "32Gi", "gpus": 1}, 1, [], None),
+        ({}, 1, [], None),
+    ],
+    ids=["cpu-limit", "shared-by-processes", "below-one-core", "user-env-wins", "gpu", "no-limit"],
+)
+def test_cpu_training_gets_as_many_threads_as_its_cpu_limit(resources, per_node, user_env, expected):
+    body = load(SINGLE)
+    body["spec"]["resources"] = resources
+    body["spec"]["processesPerNode"] = per_node
+    body["spec"]["env"] = user_env
+    job = b.indexed_job(body, 1)
+    assert env(job).get("OMP_NUM_THREADS", {}).get("value") == expected

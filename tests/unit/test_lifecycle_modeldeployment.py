@@ -149,17 +149,14 @@ def test_canary_passes_every_step_and_promotes_with_surge_first():
     plan = w.step(mc(D2))
     cand = w.by_role("candidate")
     assert cand is not None
-    assert cand["spec"]["replicas"] == 1
-    assert w.by_role("stable")["spec"]["replicas"] == 2  # surge first: stable untouched until the canary is ready
+    assert cand["spec"]["replicas"] == 2  # 50 %: as many pods as the stable revision, on top of its own
+    assert w.by_role("stable")["spec"]["replicas"] == 2
     assert plan.status["phase"] == "Progressing"
     assert life.analysis_due(w.md, list(w.deployments.values()), w.now) is None  # not ready: no analysis
     w.ready_all()
     w.step(mc(D2))
-    assert w.by_role("stable")["spec"]["replicas"] == 1  # the candidate's ready pod makes up for it
+    assert w.by_role("stable")["spec"]["replicas"] == 2  # the stable revision keeps its full capacity
     assert w.by_role("candidate")["metadata"]["annotations"][b.STEP_STARTED_ANNOTATION] == str(int(w.now))
-    assert w.md["status"]["canaryWeight"] == 33  # 1 candidate pod of 3 ready ones, until the stable one goes
-    w.ready_all()
-    w.step(mc(D2))
     assert w.md["status"]["canaryWeight"] == 50
     w.now += 10
     plan = w.step(mc(D2), to_analysis(w, good()))
@@ -168,9 +165,9 @@ def test_canary_passes_every_step_and_promotes_with_surge_first():
     assert cand["metadata"]["annotations"][b.STEP_ANNOTATION] == "1"
     assert cand["spec"]["replicas"] == 2
     assert b.STEP_STARTED_ANNOTATION not in cand["metadata"]["annotations"]
-    # Step 1 (100%): the stable revision keeps serving until the candidate's 2 replicas are ready.
+    # Step 1 (100%): the stable revision makes way as far as the candidate's ready replicas (here all 2) cover.
     w.step(mc(D2))
-    assert w.by_role("stable")["spec"]["replicas"] >= 1
+    assert w.by_role("stable")["spec"]["replicas"] == 0
     w.ready_all()
     w.step(mc(D2))
     w.now += 10
@@ -324,7 +321,8 @@ def test_scale_and_autoscaling_bounds():
 
 
 @pytest.mark.parametrize(
-    ("n", "weight", "expected"), [(1, 10, (1, 1)), (4, 25, (1, 3)), (10, 50, (5, 5)), (3, 100, (3, 0))]
+    ("n", "weight", "expected"),
+    [(1, 10, (1, 1)), (4, 25, (1, 4)), (9, 10, (1, 9)), (10, 50, (10, 10)), (2, 50, (2, 2)), (3, 100, (3, 0))],
 )
 def test_step_replicas(n, weight, expected):
     assert life.step_replicas(n, weight) == expected

@@ -115,11 +115,13 @@ def test_the_default_locations_come_from_the_artifact_root():
 
 def test_all_pods_running_is_running_with_progress():
     progress = {"step": 50, "totalSteps": 200, "loss": 0.5, "heartbeat": T(NOW - 5), "etaSeconds": 30}
+    progress["resumedFromStep"] = 40
     plan = life.decide(tj(status={"phase": "Pending"}), [job(1)], [pod(1, 0, "Running")], progress, NOW)
     assert plan.status["phase"] == "Running"
     assert plan.status["progress"] == {
         "step": 50,
         "totalSteps": 200,
+        "resumedFromStep": 40,
         "percent": 25,
         "loss": 0.5,
         "heartbeatTime": T(NOW - 5),

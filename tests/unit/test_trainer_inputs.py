@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import kiln_artifacts as ka
 import pytest
 
 pytest.importorskip("torch")
@@ -166,3 +167,25 @@ def test_dockerfile_matches_the_program() -> None:
     assert (repo / "images/trainer/train.py").is_file()
     users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert users == ["65532:65532"]  # non-root in the final stage
+
+
+def test_an_input_published_while_the_trainer_waits_is_used(tmp_path: Path, digits: str) -> None:
+    """A pipeline applied at once: the dataset step publishes while the trainer already runs. The trainer waits (up
+    to inputWaitSeconds) and trains on it; without the wait, or past it, the absent input is a user error."""
+    import threading
+
+    from kiln_trainer import data
+
+    late = f"file://{tmp_path}/late"
+    publisher = threading.Timer(1.0, samples.publish_dataset, ("digits", late))
+    publisher.start()
+    try:
+        dataset = data.load_dataset(late, None, wait_seconds=60)
+    finally:
+        publisher.join()
+    assert dataset.source.digest == ka.load(digits).digest
+    with pytest.raises(UserError, match=r"not found after waiting 0\.3 s"):
+        data.load_dataset(f"file://{tmp_path}/never", None, wait_seconds=0.3)
+    code, message = run(tmp_path, "--dataset-uri", f"file://{tmp_path}/never", "--extra", "inputWaitSeconds=x")
+    assert code == ExitCode.USER_ERROR
+    assert "inputWaitSeconds" in message["message"]

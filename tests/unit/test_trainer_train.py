@@ -19,6 +19,8 @@ from kiln_trainer.report import ExitCode  # noqa: E402
 from trainer_support import load_weights, run_trainer, train_cmd, trainer_env  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
+from kiln_operator.handlers.trainingjob import parse_progress_log  # noqa: E402
+
 COMMON = ["--learning-rate", "0.003", "--batch-size", "16", "--seed", "7", "--precision", "fp32"]
 
 
@@ -56,6 +58,11 @@ def test_trains_and_publishes_the_model(tmp_path: Path, digits: str) -> None:
     assert progress["step"] == progress["totalSteps"] == 60
     assert progress["samplesPerSecond"] > 0
     assert progress["heartbeat"].endswith("Z")
+    # The same report in the log, as the operator reads it where it cannot read the checkpoint store.
+    logged = parse_progress_log(log)
+    assert logged is not None, log
+    assert logged["totalSteps"] == 60, logged
+    assert 0 < logged["step"] <= 60, logged
 
 
 def test_resume_after_sigkill_reaches_the_uninterrupted_state(tmp_path: Path, digits: str) -> None:

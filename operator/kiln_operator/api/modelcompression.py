@@ -392,7 +392,13 @@ COLUMNS: list[Schema] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Size", "type": "number", "jsonPath": ".status.report.sizeRatio", "description": "Size ratio."},
     {"name": "P95ms", "type": "number", "jsonPath": ".status.report.p95Ms"},
-    {"name": "Speedup", "type": "number", "jsonPath": ".status.report.speedup", "priority": 1},
+    {"name": "Speedup", "type": "number", "jsonPath": ".status.report.speedup"},
+    {
+        "name": "AccDrop",
+        "type": "number",
+        "jsonPath": ".status.report.accuracyDrop",
+        "description": "Accuracy lost against the source model.",
+    },
     {"name": "Digest", "type": "string", "jsonPath": ".status.promoted.shortDigest"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

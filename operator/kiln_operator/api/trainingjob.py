@@ -214,6 +214,9 @@ STATUS = obj(
             {
                 "step": integer("Optimizer steps done.", minimum=0),
                 "totalSteps": integer("Optimizer steps planned.", minimum=0),
+                "resumedFromStep": integer(
+                    "The checkpoint's step this attempt resumed from (absent: it started from scratch).", minimum=0
+                ),
                 "percent": integer("step / totalSteps, in percent.", minimum=0, maximum=100),
                 "epoch": number("Epochs done (fractional)."),
                 "loss": number("Latest training loss."),

@@ -217,6 +217,18 @@ def _kiln_env(body: Mapping[str, Any], image: str, master: str, pvc_env: Sequenc
     return env + [dict(e) for e in pvc_env]  # KILN_PVC_ROOT: where the claims are mounted
 
 
+def threads_env(spec: Mapping[str, Any], nproc: int) -> list[Obj]:
+    """OMP_NUM_THREADS for CPU training: the pod's CPU limit shared by its processes. PyTorch otherwise starts a
+    thread per core of the node, and a pod limited to fewer cores spends its quota on throttled threads. spec.env
+    may set it otherwise."""
+    res = spec.get("resources") or {}
+    if res.get("gpus") or res.get("cpu") is None:
+        return []
+    text = str(res["cpu"])
+    cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    return [{"name": "OMP_NUM_THREADS", "value": str(max(1, int(cores // nproc)))}]
+
+
 def placement(spec: Mapping[str, Any]) -> Obj:
     """The pod spec fields of spec.scheduling, plus the GPU toleration when GPUs are asked for."""
     scheduling = spec.get("scheduling") or {}
@@ -305,7 +317,10 @@ def indexed_job(
     mounts = [*pvc_mounted, {"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
     kiln_env = _kiln_env(body, image, master, pvc_env)
     kiln_names = {e["name"] for e in kiln_env}
-    user_env = merge([copy.deepcopy(dict(e)) for e in artifact_env], copy.deepcopy(spec.get("env") or []))
+    user_env = merge(
+        [*threads_env(spec, nproc), *(copy.deepcopy(dict(e)) for e in artifact_env)],
+        copy.deepcopy(spec.get("env") or []),
+    )
     command = _launch(spec, nodes, nproc, master)
     args = list(spec.get("args") or [])
 

@@ -14,11 +14,12 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import kopf
 from kiln_artifacts.k8s import s3_env
-from kiln_artifacts.uri import parse_uri
+from kiln_artifacts.uri import DEFAULT_PVC_ROOT, PVC_ROOT_ENV, parse_uri
 
 from kiln_operator.builders import trainingjob as b
 from kiln_operator.controller import CONTROLLER_UID, Controller, trim
@@ -91,8 +92,7 @@ class TrainingJobs(Controller):
             return cached[1]
         value: dict[str, Any] | None = None
         uri = (b.resolve_locations(tj, self.config.artifact_root).get("checkpoint") or {}).get("uri")
-        scheme = parse_uri(uri).scheme if uri else None
-        if uri and scheme in ("file", "s3"):
+        if uri and _readable_here(uri):
             value = await asyncio.to_thread(_read_progress_file, uri)
         else:
             attempt = str(status.get("attempt") or "")
@@ -108,9 +108,19 @@ class TrainingJobs(Controller):
             )
             if rank0 is not None:
                 tail = await self.client.log_tail(key[0], rank0["metadata"]["name"], b.CONTAINER, 20)
-                value = parse_progress_log(tail) if tail is not None else None
+                # {}: a source exists, nothing reported yet (the deadline runs from the attempt's start).
+                value = (parse_progress_log(tail) if tail is not None else None) or {}
         self.progress[key] = (time.monotonic(), value)
         return value
+
+
+def _readable_here(uri: str) -> bool:
+    """Whether the operator reads this store itself: file:// and s3:// always, pvc:// when the claim is mounted in
+    its pod too (an install with an artifact store, manifests/overlays/local)."""
+    parsed = parse_uri(uri)
+    if parsed.scheme == "pvc":
+        return (Path(os.environ.get(PVC_ROOT_ENV) or DEFAULT_PVC_ROOT) / parsed.authority).is_dir()
+    return parsed.scheme in ("file", "s3")
 
 
 def _read_progress_file(uri: str) -> dict[str, Any] | None:

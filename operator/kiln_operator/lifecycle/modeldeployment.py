@@ -10,7 +10,6 @@ metrics it passes back in as ``analysis``.
 from __future__ import annotations
 
 import calendar
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,12 +201,13 @@ def _rejected(md: Mapping[str, Any], digest: str | None) -> Obj | None:
 
 
 def step_replicas(n: int, weight: int) -> tuple[int, int]:
-    """(candidate, stable) replicas for a canary weight: the split follows the replica ratio; the stable revision
-    keeps at least one pod until the weight is 100."""
+    """(candidate, stable) replicas for a canary weight. Without a Gateway the split follows the replica ratio, and
+    the candidate's pods come on top of the stable revision's: the stable revision keeps all n replicas (its full
+    capacity, should the candidate fail) until the last step, 100 %, where it makes way as the candidate's pods
+    become ready."""
     if weight >= 100:
         return n, 0
-    candidate = max(1, math.ceil(n * weight / 100))
-    return candidate, max(1, n - candidate)
+    return max(1, round(n * weight / (100 - weight))), n
 
 
 def verdict(analysis: Mapping[str, Any], a: Analysis) -> tuple[str, str]:

@@ -244,7 +244,7 @@ def _progress_status(progress: Mapping[str, Any] | None) -> Obj | None:
     if not progress:
         return None
     out: Obj = {}
-    for src, dst in (("step", "step"), ("totalSteps", "totalSteps")):
+    for src, dst in (("step", "step"), ("totalSteps", "totalSteps"), ("resumedFromStep", "resumedFromStep")):
         if isinstance(progress.get(src), int) and progress[src] >= 0:
             out[dst] = progress[src]
     for src, dst in (("epoch", "epoch"), ("loss", "loss"), ("samplesPerSecond", "samplesPerSecond")):

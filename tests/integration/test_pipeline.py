@@ -1,0 +1,559 @@
+"""The pipeline end to end, as a user runs it: the operator installed from manifests/overlays/local (its pod, its
+ServiceAccount, the shared artifact store), then one `kubectl apply` of manifests/overlays/local-samples into a
+namespace whose pods run for real on the real node. The digits are published by the sample's own Job, a
+TrainingJob trains, a ModelCompression exports, quantises, measures and promotes, a ModelDeployment serves it
+behind its Service; the answers are checked against the promoted ONNX model run here, and the lineage back to the
+training run and its data. The failure drills happen to real processes: the operator's pod deleted mid-pipeline, a
+trainer pod deleted mid-run (a real SIGTERM), a serving pod deleted and evicted under load.
+
+Every wait is on a condition with a deadline; a timeout prints the Kiln objects' conditions and their pods' logs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import kiln_artifacts as ka
+import numpy as np
+import pytest
+import yaml
+from harness import PERMISSION_ERROR, REAL_NODE, REPO, RESTRICTED, Cluster
+from kiln_artifacts import samples
+from prometheus_support import require_prometheus, run_prometheus
+from server_support import Broken, _image_artifact
+from waiting import wait_for
+
+T = TypeVar("T")
+OPERATOR = ("-n", "kiln-system", "-l", "app.kubernetes.io/name=kiln-operator")
+DATASET = "pvc://kiln-store/datasets/digits"
+
+
+@dataclass
+class Demo:
+    cluster: Cluster
+    ns: str
+    store: Path  # the shared store as this machine sees it: $KILN_PVC_ROOT for pvc://kiln-store/...
+    samples: list[dict[str, Any]]
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, ref: str) -> dict[str, Any]:
+        return self.cluster.get(ref, "-n", self.ns)
+
+    def status(self, ref: str) -> dict[str, Any]:
+        return self.get(ref).get("status") or {}
+
+    def items(self, kind: str, selector: str) -> list[dict[str, Any]]:
+        return self.cluster.get(kind, "-n", self.ns, "-l", selector)["items"]
+
+    def apply(self, *docs: dict[str, Any]) -> None:
+        self.cluster.kubectl("apply", "-n", self.ns, "-f", "-", stdin=yaml.safe_dump_all(docs))
+
+    def explain(self) -> str:
+        """The Kiln objects' phases and conditions, and the last log lines of every pod, the operator's included."""
+        out = []
+        for obj in self.cluster.get("kiln", "-n", self.ns)["items"]:
+            st = obj.get("status") or {}
+            out.append(f"{obj['kind']}/{obj['metadata']['name']}: phase {st.get('phase')}")
+            out += [
+                f"  {c['type']}={c['status']} {c.get('reason')}: {c.get('message')}" for c in st.get("conditions", [])
+            ]
+        for args in (("-n", self.ns), OPERATOR):
+            for pod in self.cluster.get("pods", *args)["items"]:
+                name, pns = pod["metadata"]["name"], pod["metadata"]["namespace"]
+                out.append(f"pod {pns}/{name}: {pod['status'].get('phase')}")
+                logs = self.cluster.kubectl("logs", "-n", pns, name, "--all-containers", "--tail=15", check=False)
+                out += [f"  | {line}" for line in (logs.stdout or logs.stderr).splitlines()]
+        return "\n".join(out)
+
+    def wait(self, probe: Callable[[], T], *, what: str, timeout: float) -> T:
+        try:
+            return wait_for(probe, what=what, timeout=timeout, interval=1)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.explain()}") from None
+
+    def load(self, uri: str) -> ka.LoadedArtifact:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("KILN_PVC_ROOT", str(self.store))
+            return ka.load(uri)
+
+
+def render(cluster: Cluster, path: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(cluster.kubectl("kustomize", str(REPO / path)).stdout) if d]
+
+
+def operator_pod(cluster: Cluster) -> dict[str, Any] | None:
+    pods = [p for p in cluster.get("pods", *OPERATOR)["items"] if not p["metadata"].get("deletionTimestamp")]
+    ready = [p for p in pods if any(c.get("ready") for c in p["status"].get("containerStatuses", []))]
+    return ready[0] if len(ready) == 1 else None
+
+
+def failed(obj: dict[str, Any]) -> str | None:
+    st = obj.get("status") or {}
+    if st.get("phase") in ("Failed", "Rejected"):
+        return f"{obj['kind']}/{obj['metadata']['name']} {st['phase']}: {st.get('conditions')}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def demo(cluster: Cluster, crds: None) -> Iterator[Demo]:
+    """The operator installed as hack/up.sh installs it (watching only this module's namespace: the other tests
+    run their own operators), the store shared with a namespace for the sample."""
+    cluster.real_node()
+    ns = f"e2e-{uuid.uuid4().hex[:8]}"
+    cluster.create_namespace(ns, simulated=False, labels=RESTRICTED)
+    subprocess.run(
+        [str(REPO / "hack/real-node.sh"), "share", "kiln-store", "kiln-system", ns], env=cluster.env(), check=True
+    )
+    install = render(cluster, "manifests/overlays/local")
+    deployment = next(d for d in install if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["args"] = [a for a in container["args"] if a != "--all-namespaces"] + [f"--namespace={ns}"]
+    cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(install))
+    docs = [d for d in render(cluster, "manifests/overlays/local-samples") if d["kind"] != "Namespace"]
+    for d in docs:
+        d["metadata"]["namespace"] = ns
+    store = Path(cluster.kubeconfig).parent / "real-node/volumes/shared"
+    d = Demo(cluster, ns, store, docs)
+    try:
+        cluster.kubectl("rollout", "status", "-n", "kiln-system", "deployment/kiln-operator", "--timeout=180s")
+        yield d
+        for pod in cluster.get("pods", *OPERATOR)["items"]:
+            logs = cluster.kubectl("logs", "-n", "kiln-system", pod["metadata"]["name"], check=False).stdout
+            assert not PERMISSION_ERROR.search(logs), logs[-3000:]
+            assert "Traceback" not in logs, logs[-3000:]
+    finally:
+        cluster.kubectl("delete", "-n", "kiln-system", "deployment/kiln-operator", "--wait=true", check=False)
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def served(demo: Demo) -> Demo:
+    """One apply of the sample; the operator's pod deleted while the TrainingJob runs; then wait until the
+    ModelDeployment serves what the ModelCompression promoted."""
+    start = time.monotonic()
+    demo.apply(*demo.samples)
+
+    def training() -> dict[str, Any] | None:
+        if msg := failed(demo.get("tj/classifier")):
+            raise AssertionError(msg)
+        st = demo.status("tj/classifier")
+        return st if st.get("phase") == "Running" and (st.get("progress") or {}).get("step") else None
+
+    running = demo.wait(training, what="the TrainingJob reporting progress", timeout=300)
+    old = operator_pod(demo.cluster)
+    assert old is not None
+    demo.cluster.kubectl("delete", "pod", "-n", "kiln-system", old["metadata"]["name"], "--wait=false")
+    demo.facts.update(progress_seen=running["progress"], old_operator=old["metadata"]["uid"])
+
+    def done() -> dict[str, Any] | None:
+        for ref in ("tj/classifier", "mc/classifier-int8", "md/classifier"):
+            if msg := failed(demo.get(ref)):
+                raise AssertionError(msg)
+        promoted = (demo.status("mc/classifier-int8").get("promoted") or {}).get("digest")
+        md = demo.status("md/classifier")
+        return md if promoted and md.get("phase") == "Ready" and md["current"]["digest"] == promoted else None
+
+    demo.wait(done, what="the ModelDeployment serving the promoted model", timeout=600)
+    demo.facts["seconds"] = time.monotonic() - start
+    return demo
+
+
+def request_for(images: np.ndarray) -> dict[str, Any]:
+    # The trainer's input scaling: uint8 pixels to [-1, 1], one channel.
+    pixels = (images.astype(np.float32) / 127.5 - 1).reshape(len(images), 1, *images.shape[1:])
+    return {
+        "inputs": [
+            {"name": "pixel_values", "datatype": "FP32", "shape": list(pixels.shape), "data": pixels.ravel().tolist()}
+        ]
+    }
+
+
+def service_url(demo: Demo, name: str = "classifier") -> str:
+    spec = demo.get(f"service/{name}")["spec"]
+    port = next(p["port"] for p in spec["ports"] if p["name"] == "http")
+    return f"http://{spec['clusterIP']}:{port}/v2/models/{name}/infer"
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 10) -> tuple[int, dict[str, Any] | str]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except OSError as e:
+        return 0, f"{type(e).__name__}: {e}"
+
+
+def test_one_apply_trains_compresses_promotes_and_serves_through_an_operator_restart(served: Demo):
+    demo = served
+    tj, mc, md = demo.status("tj/classifier"), demo.status("mc/classifier-int8"), demo.status("md/classifier")
+    # The operator's pod was replaced mid-pipeline; the new one finished the work and made nothing twice.
+    new = operator_pod(demo.cluster)
+    assert new is not None
+    assert new["metadata"]["uid"] != demo.facts["old_operator"]
+    assert tj["phase"] == "Succeeded"
+    assert tj["attempt"] == 1
+    assert tj["restarts"] == {"infrastructure": 0, "user": 0}
+    assert [j["metadata"]["name"] for j in demo.items("jobs", "kiln.dev/trainingjob=classifier")] == ["classifier-1"]
+    assert len(demo.items("jobs", "kiln.dev/modelcompression=classifier-int8")) == 1
+    assert len(demo.items("deployments", "app.kubernetes.io/instance=classifier")) == 1
+    versions = demo.store / "kiln-store/artifacts/registry/models/classifier-int8/versions"
+    records = [json.loads(p.read_text()) for p in versions.iterdir()]
+    assert [r["version"] for r in records if r["digest"] == md["current"]["digest"]] == [mc["promoted"]["version"]]
+    assert tj["progress"]["step"] == tj["progress"]["totalSteps"] == 6000
+    assert 0 < demo.facts["progress_seen"]["step"] <= 6000  # progress was visible while it ran
+    # The compressor pod's measurements, in status.
+    report = mc["report"]
+    assert 0 < report["sizeRatio"] < 1, report
+    assert report["speedup"] > 0, report
+    assert report["accuracyDrop"] <= 0.01, report
+    assert mc["phase"] == "Promoted"
+    # Lineage: served digest <- promoted candidate <- trained model <- the published dataset.
+    served_digest = md["current"]["digest"]
+    candidate = demo.load(mc["promoted"]["uri"])
+    assert candidate.digest == mc["promoted"]["digest"] == served_digest
+    trained = demo.load(tj["artifact"]["uri"])
+    assert trained.digest == tj["artifact"]["digest"] == mc["sourceArtifact"]["digest"]
+    assert trained.digest in candidate.manifest.lineage.parents
+    producer = candidate.manifest.lineage.producer
+    assert (producer.kind, producer.namespace, producer.name) == ("ModelCompression", demo.ns, "classifier-int8")
+    producer = trained.manifest.lineage.producer
+    assert (producer.kind, producer.namespace, producer.name) == ("TrainingJob", demo.ns, "classifier")
+    assert producer.uid == demo.get("tj/classifier")["metadata"]["uid"]
+    dataset = demo.load(DATASET)
+    assert trained.manifest.lineage.dataset.revision == dataset.digest
+    assert candidate.manifest.lineage.dataset.revision == dataset.digest
+    assert trained.manifest.lineage.parents == ()  # no base model: the sample's CNN starts from scratch
+    assert dataset.manifest.lineage.source.startswith("pypi:scikit-learn==")
+    # The served answers are the promoted ONNX model's, run here on the same inputs.
+    images, labels = samples.load_idx_dataset(dataset.root, "test")
+    body = request_for(images[:16])
+    code, answer = post(service_url(demo), body)
+    assert code == 200, answer
+    out = next(o for o in answer["outputs"] if o["name"] == "logits")
+    logits = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    import onnxruntime as ort
+
+    (model,) = sorted(candidate.root.glob("*.onnx"))
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    x = np.asarray(body["inputs"][0]["data"], dtype=np.float32).reshape(body["inputs"][0]["shape"])
+    (direct,) = session.run(["logits"], {"pixel_values": x})
+    np.testing.assert_allclose(logits, direct, rtol=1e-4, atol=1e-4)
+    assert (logits.argmax(1) == labels[:16]).mean() >= 0.8
+    for pod in demo.items("pods", "kiln.dev/modeldeployment=classifier"):
+        assert pod["spec"]["nodeName"] == REAL_NODE
+
+
+def test_a_trainer_pod_deleted_mid_run_checkpoints_and_the_next_attempt_resumes(served: Demo):
+    demo = served
+    tj = copy.deepcopy(next(d for d in demo.samples if d["kind"] == "TrainingJob"))
+    tj["metadata"]["name"] = "resumed"
+    demo.apply(tj)
+
+    def checkpointed() -> dict[str, Any] | None:
+        st = demo.status("tj/resumed")
+        ck = (st.get("lastCheckpoint") or {}).get("step") or 0
+        return st if st.get("phase") == "Running" and ck >= 1000 and st["progress"]["step"] < 5000 else None
+
+    seen = demo.wait(checkpointed, what="a checkpoint of the running job", timeout=300)
+    (pod,) = [p for p in demo.items("pods", "kiln.dev/trainingjob=resumed") if p["status"].get("phase") == "Running"]
+    demo.cluster.kubectl("delete", "pod", "-n", demo.ns, pod["metadata"]["name"], "--wait=false")  # SIGTERM
+
+    def finished() -> dict[str, Any] | None:
+        st = demo.status("tj/resumed")
+        return st if st.get("phase") in ("Succeeded", "Failed") else None
+
+    st = demo.wait(finished, what="the resumed job finished", timeout=420)
+    assert st["phase"] == "Succeeded", demo.explain()
+    assert st["attempt"] == 2, st
+    jobs = {j["metadata"]["name"]: j for j in demo.items("jobs", "kiln.dev/trainingjob=resumed")}
+    assert sorted(jobs) == ["resumed-2"]  # the replaced attempt's Job is deleted
+    # The first attempt's pod checkpointed on SIGTERM, at or after the step seen before it was deleted (the last
+    # periodic checkpoint is older), and the second attempt resumed from that checkpoint.
+    resume_from = jobs["resumed-2"]["metadata"]["annotations"]["kiln.dev/resume-from"]
+    step = int(resume_from.rsplit("step-", 1)[1])
+    assert step >= seen["progress"]["step"], (resume_from, seen)
+    assert st["progress"]["resumedFromStep"] == step, st["progress"]
+    events = demo.cluster.get("events", "-n", demo.ns, "--field-selector", "involvedObject.name=resumed")["items"]
+    assert any(resume_from in e.get("message", "") for e in events), [e.get("message") for e in events]
+    # The same number of steps as the uninterrupted run.
+    assert st["progress"]["step"] == st["progress"]["totalSteps"] == 6000
+    trained = demo.load(st["artifact"]["uri"])
+    uninterrupted = demo.load(demo.status("tj/classifier")["artifact"]["uri"])
+    assert trained.manifest.metrics["steps"] == uninterrupted.manifest.metrics["steps"] == 6000
+    assert trained.manifest.metrics["eval_accuracy"] > 0.9
+
+
+class Load:
+    """Requests sent one after another through the Service from a thread; every outcome counted."""
+
+    def __init__(self, url: str, body: dict[str, Any]) -> None:
+        self.url, self.body = url, body
+        self.codes: Counter[int] = Counter()
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            code, answer = post(self.url, self.body, timeout=5)
+            self.codes[code] += 1
+            if code != 200:
+                self.errors.append(f"{code}: {str(answer)[:200]}")
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def test_the_service_keeps_answering_when_a_serving_pod_is_deleted_and_its_budget_refuses_a_second(served: Demo):
+    demo = served
+    dataset = demo.load(DATASET)
+    images, _ = samples.load_idx_dataset(dataset.root, "test")
+    selector = "kiln.dev/modeldeployment=classifier"
+    before = {p["metadata"]["name"] for p in demo.items("pods", selector)}
+    assert len(before) == 2
+    with Load(service_url(demo), request_for(images[:4])) as load:
+        demo.wait(lambda: load.codes[200] >= 50, what="50 answers", timeout=60)
+        victim = sorted(before)[0]
+        demo.cluster.kubectl("delete", "pod", "-n", demo.ns, victim, "--wait=false")
+
+        def replaced() -> bool:
+            pods = demo.items("pods", selector)
+            ready = [
+                p
+                for p in pods
+                if not p["metadata"].get("deletionTimestamp")
+                and any(c.get("ready") for c in p["status"].get("containerStatuses", []))
+            ]
+            return len(ready) == 2 and victim not in {p["metadata"]["name"] for p in pods}
+
+        demo.wait(replaced, what="the deleted replica replaced and gone", timeout=180)
+        served_before = load.codes[200]
+        demo.wait(lambda: load.codes[200] >= served_before + 50, what="50 more answers", timeout=60)
+    assert load.codes[200] >= 100
+    assert not load.errors, (load.codes, load.errors[:10])
+    # The PodDisruptionBudget (maxUnavailable 1): an eviction is granted, and a second one, while the first
+    # replica's replacement is not ready yet, is refused.
+    pdb = demo.get("pdb/classifier")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    pods = sorted(p["metadata"]["name"] for p in demo.items("pods", selector))
+    first = evict(demo, pods[0])
+    second = evict(demo, pods[1])
+    assert first.returncode == 0, first.stderr
+    assert second.returncode != 0
+    assert "disruption budget" in second.stderr, second.stderr
+
+
+def evict(demo: Demo, pod: str) -> subprocess.CompletedProcess:
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": demo.ns}}
+    return demo.cluster.kubectl(
+        "create",
+        "--raw",
+        f"/api/v1/namespaces/{demo.ns}/pods/{pod}/eviction",
+        "-f",
+        "-",
+        stdin=json.dumps(body),
+        check=False,
+    )
+
+
+class PodTargets:
+    """Prometheus' targets for the serving pods, as a PodMonitor on their `metrics` port would give them: written
+    to a file_sd file from the API server's pod list every second (Debian's Prometheus is built without the
+    Kubernetes discovery), with the target labels the operator's queries select on."""
+
+    def __init__(self, demo: Demo, path: Path) -> None:
+        self.demo, self.path = demo, path
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.write()
+
+    def write(self) -> None:
+        targets = []
+        for pod in self.demo.items("pods", "kiln.dev/modeldeployment=classifier"):
+            ip, labels = pod["status"].get("podIP"), pod["metadata"]["labels"]
+            if pod["status"].get("phase") != "Running" or not ip or pod["metadata"].get("deletionTimestamp"):
+                continue
+            meta = {
+                "namespace": self.demo.ns,
+                "kiln_dev_modeldeployment": labels["kiln.dev/modeldeployment"],
+                "kiln_dev_revision": labels["kiln.dev/revision"],
+                "pod": pod["metadata"]["name"],
+            }
+            targets.append({"targets": [f"{ip}:9090"], "labels": meta})
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(targets))
+        tmp.replace(self.path)  # whole files only: Prometheus never reads a half-written list
+
+    def run(self) -> None:
+        while not self.stop.wait(1):
+            self.write()
+
+    def __enter__(self) -> PodTargets:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+class Capacity:
+    """Ready replicas of each of the ModelDeployment's revisions (Deployments), sampled every half second."""
+
+    def __init__(self, demo: Demo) -> None:
+        self.demo = demo
+        self.samples: list[dict[str, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            found = self.demo.items("deployments", "app.kubernetes.io/instance=classifier")
+            self.samples.append({d["metadata"]["name"]: d["status"].get("readyReplicas") or 0 for d in found})
+
+    def lowest(self, deployment: str | None = None) -> int:
+        """The fewest ready replicas seen: of one revision, or of all together (what the Service can route to)."""
+        return min(s.get(deployment, 0) if deployment else sum(s.values()) for s in self.samples)
+
+    def __enter__(self) -> Capacity:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def test_a_new_training_run_is_canaried_on_prometheus_and_a_broken_candidate_rolled_back(served: Demo, tmp_path: Path):
+    """Under steady load through the Service, with the analysis on a real Prometheus scraping the real pods: a
+    second training run's model is promoted as a canary with no failed request; then an artifact that fails at
+    inference is rolled back, the stable revision at full capacity throughout."""
+    require_prometheus()
+    demo = served
+    demo.wait(lambda: demo.status("md/classifier").get("readyReplicas") == 2, what="2 replicas ready", timeout=180)
+    gateway = "10.244.0.1"  # the real node's bridge on this machine: the operator's pod reaches Prometheus there
+    discovery = {"job_name": "kiln-server", "file_sd_configs": [{"files": [str(tmp_path / "pods.json")]}]}
+    with (
+        PodTargets(demo, tmp_path / "pods.json"),
+        run_prometheus(tmp_path, [], discovery=discovery, expected=2, listen=gateway) as prom,
+    ):
+        demo.cluster.kubectl(
+            "set", "env", "-n", "kiln-system", "deployment/kiln-operator", f"KILN_PROMETHEUS_URL={prom}"
+        )
+        demo.cluster.kubectl("rollout", "status", "-n", "kiln-system", "deployment/kiln-operator", "--timeout=180s")
+        interval = 10
+        rollout = {
+            "strategy": "Canary",
+            "steps": [{"weight": 50, "pauseSeconds": 20}, {"weight": 100, "pauseSeconds": 0}],
+            "analysis": {"intervalSeconds": interval, "minRequests": 20, "maxErrorRate": 0.01},
+        }
+        patch = {"spec": {"rollout": rollout}}
+        demo.cluster.kubectl("patch", "-n", demo.ns, "md/classifier", "--type=merge", "-p", json.dumps(patch))
+        v1 = demo.status("md/classifier")["current"]
+        dataset = demo.load(DATASET)
+        images, _ = samples.load_idx_dataset(dataset.root, "test")
+        with Load(service_url(demo), request_for(images[:4])) as load:
+            # A second training run (another seed), compressed by the same recipe: spec.source is immutable, so
+            # the ModelCompression the deployment follows is made anew from it.
+            tj = copy.deepcopy(next(d for d in demo.samples if d["kind"] == "TrainingJob"))
+            tj["metadata"]["name"] = "classifier-v2"
+            tj["spec"]["hyperparameters"].update(seed=7, maxSteps=3000)
+            mc = copy.deepcopy(next(d for d in demo.samples if d["kind"] == "ModelCompression"))
+            mc["spec"]["source"] = {"trainingJobRef": {"name": "classifier-v2"}}
+            demo.apply(tj)
+            demo.cluster.kubectl("delete", "-n", demo.ns, "mc/classifier-int8", "--wait=true")
+            demo.apply(mc)
+            promoted = demo.wait(
+                lambda: (demo.status("mc/classifier-int8").get("promoted") or {}).get("digest"),
+                what="the second model promoted by the compression",
+                timeout=420,
+            )
+            assert promoted != v1["digest"]
+            with Capacity(demo) as capacity:
+                demo.wait(
+                    lambda: (demo.status("md/classifier").get("candidate") or {}).get("digest") == promoted,
+                    what="the canary of the second model",
+                    timeout=120,
+                )
+                started = time.monotonic()
+                st = demo.wait(
+                    lambda: (s := demo.status("md/classifier"))["current"]["digest"] == promoted and s,
+                    what="the canary promoted",
+                    timeout=300,
+                )
+                demo.facts["canary_seconds"] = time.monotonic() - started
+            assert capacity.lowest() >= 2, capacity.samples  # never fewer ready replicas than desired
+            assert st["history"][-2]["outcome"] == "Promoted", st["history"]
+            assert st["analysis"]["verdict"] == "Pass", st["analysis"]
+            assert st["analysis"]["candidate"]["requests"] >= 20, st["analysis"]
+            assert st["analysis"]["candidate"]["errorRate"] == 0, st["analysis"]
+            assert not load.errors, (load.codes, load.errors[:10])
+            demo.facts["canary_requests"] = load.codes[200]
+            # An artifact that loads and warms up but fails at inference, published to the store by its user and
+            # set as the source: a canary, judged on Prometheus' 5xx counts, rolled back.
+            with pytest.MonkeyPatch.context() as m:
+                m.setenv("KILN_PVC_ROOT", str(demo.store))
+                _image_artifact(str(demo.store / f"kiln-store/uploads/{demo.ns}/broken"), Broken.build())
+                broken = ka.load(f"pvc://kiln-store/uploads/{demo.ns}/broken/image-model")
+            v2 = st["current"]
+            before = dict(load.codes)
+            source = {"modelCompressionRef": None, "uri": broken.uri, "digest": broken.digest}
+            demo.cluster.kubectl(
+                "patch", "-n", demo.ns, "md/classifier", "--type=merge", "-p", json.dumps({"spec": {"source": source}})
+            )
+            with Capacity(demo) as capacity:
+                demo.wait(
+                    lambda: (
+                        (s := demo.status("md/classifier")).get("canaryWeight")
+                        or condition(s, "RolledBack").get("status") == "True"
+                    ),
+                    what="the canary of the broken artifact in service",
+                    timeout=120,
+                )
+                started = time.monotonic()
+                st = demo.wait(
+                    lambda: condition(s := demo.status("md/classifier"), "RolledBack").get("status") == "True" and s,
+                    what="the broken canary rolled back",
+                    timeout=300,
+                )
+                demo.facts["rollback_seconds"] = time.monotonic() - started
+            assert capacity.lowest(v2["deployment"]) == 2, capacity.samples  # the stable revision, throughout
+        # Judged within an analysis interval of its pods taking traffic, plus a scrape and a reconcile pass.
+        assert demo.facts["rollback_seconds"] < 2 * interval, demo.facts
+        rolled = condition(st, "RolledBack")
+        assert rolled["reason"] == "AnalysisFailed", rolled
+        assert st["current"]["digest"] == v2["digest"]
+        assert broken.digest in [r["digest"] for r in st["rejected"]]
+        # Only requests the Service routed to the candidate failed, and they failed as the model did (500), never
+        # as a lost connection; Prometheus saw 5xx on the candidate's revision only.
+        failed_now = {code: n - before.get(code, 0) for code, n in load.codes.items() if n != before.get(code, 0)}
+        assert set(failed_now) <= {200, 500}, (failed_now, load.errors[-5:])
+        demo.facts["rollback_failed_requests"] = failed_now.get(500, 0)
+        query = f'sum by (kiln_dev_revision) (kiln_server_requests_total{{namespace="{demo.ns}",code=~"5.."}})'
+        result = json.loads(urllib.request.urlopen(f"{prom}/api/v1/query?" + urlencode({"query": query})).read())
+        errors = {r["metric"].get("kiln_dev_revision"): float(r["value"][1]) for r in result["data"]["result"]}
+        assert set(errors) <= {broken.digest[7:17]}, errors
+    print(f"\npipeline figures: {json.dumps(demo.facts)}")
+
+
+def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in st.get("conditions", []) if c["type"] == type_), {})
