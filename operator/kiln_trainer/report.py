@@ -82,27 +82,31 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
 
 
 class ProgressReporter:
-    """Rank 0's progress file, rewritten at most every ``interval`` seconds (and on every state change)."""
+    """Rank 0's progress file: the periodic report (step, loss, rate) every ``interval`` seconds, and every state
+    change (evaluation, checkpoint, phase) at once. The state changes never delay the periodic report: with an
+    evaluation or a checkpoint more often than ``interval``, the step would otherwise never be reported."""
 
     def __init__(self, path: Path | None, total_steps: int, interval: float = 5.0) -> None:
         self.path = path
         self.total_steps = total_steps
         self.interval = interval
-        self._last_write = 0.0
+        self._last_report = 0.0
         self.state: dict[str, Any] = {"phase": "Running", "step": 0, "totalSteps": total_steps}
 
     def update(self, *, force: bool = False, **fields: Any) -> None:
         self.state.update(fields)
-        now = time.monotonic()
-        if self.path is None or (not force and now - self._last_write < self.interval):
+        if self.path is None:
             return
-        self._last_write = now
+        if not force:
+            if not self.due():
+                return
+            self._last_report = time.monotonic()
         self.state["heartbeat"] = now_iso()
         write_json_atomic(self.path, self.state)
 
     def due(self) -> bool:
-        """Whether the next update would be written (so the caller computes costly fields only then)."""
-        return self.path is not None and time.monotonic() - self._last_write >= self.interval
+        """Whether the next periodic update would be written (so the caller computes costly fields only then)."""
+        return self.path is not None and time.monotonic() - self._last_report >= self.interval
 
 
 def termination_message(code: ExitCode, message: str, **fields: Any) -> str:

@@ -34,7 +34,7 @@ def test_crds_are_established_and_grouped(cluster: Cluster, crds: None):
 
 def test_operator_reconciles_samples_and_spec_changes(cluster: Cluster, namespace: str, operator: Operator):
     cluster.kubectl("apply", "-n", namespace, "-k", str(REPO / "manifests/samples"))
-    samples = ("trainingjob/sentiment-minilm", "modelcompression/sentiment-minilm-int8", "modeldeployment/sentiment")
+    samples = ("trainingjob/classifier", "modelcompression/classifier-int8", "modeldeployment/classifier")
     # The TrainingJob controller runs the sample to the end (kwok's pods succeed).
     done = wait_for(
         lambda: reconciled(cluster, namespace, samples[0], 1).get("phase") == "Succeeded", what="sample TrainingJob"
@@ -50,7 +50,7 @@ def test_operator_reconciles_samples_and_spec_changes(cluster: Cluster, namespac
     status = wait_for(lambda: reconciled(cluster, namespace, samples[2], 1), what=f"{samples[2]} observedGeneration=1")
     (ready,) = [c for c in status["conditions"] if c["type"] == "Ready"]
     assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("False", "SourceNotReady", 1)
-    assert "sentiment-minilm-int8" in ready["message"]
+    assert "classifier-int8" in ready["message"]
     assert ready["lastTransitionTime"]
 
     # A spec change bumps metadata.generation; the operator catches up.
@@ -80,9 +80,9 @@ def test_namespaced_operator_leaves_other_namespaces_alone(cluster: Cluster, crd
         cluster.kubectl("apply", "-n", other, "-f", sample)  # created first...
         cluster.kubectl("apply", "-n", namespace, "-f", sample)
         with run_operator(f"--namespace={namespace}"):
-            wait_for(lambda: reconciled(cluster, namespace, "trainingjob/sentiment-minilm", 1), what="ours reconciled")
+            wait_for(lambda: reconciled(cluster, namespace, "trainingjob/classifier", 1), what="ours reconciled")
             # ...yet, once ours is done, the one outside the watched namespace is still untouched.
-            assert status_of(cluster, other, "trainingjob/sentiment-minilm") == {}
+            assert status_of(cluster, other, "trainingjob/classifier") == {}
     finally:
         cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
 
@@ -90,7 +90,7 @@ def test_namespaced_operator_leaves_other_namespaces_alone(cluster: Cluster, crd
 def test_changes_made_while_the_operator_is_down_are_reconciled_on_restart(
     cluster: Cluster, crds: None, namespace: str
 ):
-    ref = "trainingjob/sentiment-minilm"
+    ref = "trainingjob/classifier"
     cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "manifests/samples/trainingjob.yaml"))
     with run_operator(f"--namespace={namespace}"):
         wait_for(lambda: reconciled(cluster, namespace, ref, 1), what="generation 1 reconciled")

@@ -78,7 +78,7 @@ def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
 
 
 @pytest.fixture(
-    params=["default", "servicemonitor", "namespaced", "both", "overlays/namespaced"],
+    params=["default", "servicemonitor", "namespaced", "both", "overlays/namespaced", "overlays/local"],
 )
 def build(request: pytest.FixtureRequest, tmp_path: Path) -> list[dict[str, Any]]:
     if request.param == "default":
@@ -227,3 +227,52 @@ def test_servicemonitor_component_scrapes_the_metrics_service(tmp_path):
     assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+def test_the_local_install_gives_the_operator_its_store():
+    docs = kustomize(MANIFESTS / "overlays/local")
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["KILN_ARTIFACT_ROOT"] == "pvc://kiln-store/artifacts"
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["kiln-store"] == "/mnt/kiln/pvc/kiln-store"  # where pvc://kiln-store/... resolves
+    claim = only(docs, "PersistentVolumeClaim")
+    assert (claim["metadata"]["namespace"], claim["metadata"]["name"]) == ("kiln-system", "kiln-store")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def _leaves(node: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{path}.{key}").items()}
+    return {path: node}
+
+
+def test_the_local_samples_differ_from_the_real_ones_in_a_few_visible_fields():
+    real = {(d["kind"], d["metadata"]["name"]): d for d in kustomize(MANIFESTS / "samples")}
+    local = {(d["kind"], d["metadata"]["name"]): d for d in kustomize(MANIFESTS / "overlays/local-samples")}
+    added = {("Namespace", "kiln-demo"), ("PersistentVolumeClaim", "kiln-store"), ("Job", "publish-digits")}
+    assert set(local) == set(real) | added
+    changed = set()
+    for key, doc in real.items():
+        assert local[key]["metadata"]["namespace"] == "kiln-demo"
+        before, after = _leaves(doc["spec"]), _leaves(local[key]["spec"])
+        changed |= {f"{key[0]}{p}" for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+        assert doc["spec"].get("image", "") == local[key]["spec"].get("image", "")  # the same images
+    assert len(changed) <= 30, sorted(changed)
+    assert "TrainingJob.resources.gpus" in changed
+    tj = local[("TrainingJob", "classifier")]["spec"]
+    mc = local[("ModelCompression", "classifier-int8")]["spec"]
+    assert tj["dataset"]["uri"] == mc["evaluation"]["dataset"]["uri"] == "pvc://kiln-store/datasets/digits"
+    job = local[("Job", "publish-digits")]["spec"]["template"]
+    assert job["spec"]["containers"][0]["command"][-1] == tj["dataset"]["uri"]  # publishes what the job reads
+    assert job["spec"]["automountServiceAccountToken"] is False
+    assert job["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert job["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    hardened = job["spec"]["containers"][0]["securityContext"]
+    assert hardened == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    labels = local[("Namespace", "kiln-demo")]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"

@@ -189,3 +189,25 @@ def test_an_input_published_while_the_trainer_waits_is_used(tmp_path: Path, digi
     code, message = run(tmp_path, "--dataset-uri", f"file://{tmp_path}/never", "--extra", "inputWaitSeconds=x")
     assert code == ExitCode.USER_ERROR
     assert "inputWaitSeconds" in message["message"]
+
+
+def test_the_step_is_reported_even_when_checkpoints_come_more_often_than_reports(tmp_path: Path) -> None:
+    from kiln_trainer.report import ProgressReporter
+    from waiting import wait_for
+
+    path = tmp_path / "progress.json"
+    reporter = ProgressReporter(path, 100, interval=0.2)
+    reporter.update(force=True, step=0)
+    assert reporter.due()  # the first periodic report goes out at the first step
+    reporter.update(step=1)
+    assert json.loads(path.read_text())["step"] == 1
+    assert not reporter.due()
+
+    def checkpointing() -> bool:  # a checkpoint write at every step, far more often than the interval
+        reporter.update(force=True, lastCheckpoint={"step": 2, "uri": "file:///ck/step-2"})
+        return reporter.due()
+
+    wait_for(checkpointing, what="the periodic report due despite the checkpoint writes", timeout=10, interval=0.01)
+    reporter.update(step=50)
+    written = json.loads(path.read_text())
+    assert (written["step"], written["lastCheckpoint"]["step"]) == (50, 2)
