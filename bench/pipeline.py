@@ -261,10 +261,9 @@ def main() -> int:
         cp = c[key] - (c[prev] if prev else 0)
         dp = d[key] - (d[prev] if prev else 0)
         print(f"{label:28} {c[key]:9.1f} {d[key]:9.1f} {c[key] / d[key]:7.2f}   {cp:7.1f} {dp:7.1f}")
-    print(
-        f"serving pod created -> Ready: {c['pod_ready']:.2f} s; InferenceSession + first run here: {d['session']:.3f} s "
-        f"(ratio {c['pod_ready'] / d['session']:.0f}x)"
-    )
+    ready, session = c["pod_ready"], d["session"]
+    print(f"serving pod created -> Ready: {ready:.2f} s; InferenceSession + first run here: {session:.3f} s", end="")
+    print(f" (ratio {ready / session:.0f}x)")
     print(json.dumps({"cluster": c, "direct": d}))
     return 0
 
