@@ -443,7 +443,9 @@ async def _json_errors(
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return _error(e.status, f"{e.reason}: {request.method} {request.path}")
+        # The error's own headers stay (a 405's Allow, which RFC 9110 requires); only the body becomes JSON.
+        kept = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return _error(e.status, f"{e.reason}: {request.method} {request.path}", kept or None)
 
 
 def _write_termination_log(path: str, message: str) -> None:

@@ -358,6 +358,15 @@ def test_server_deployment_is_hardened_and_wired():
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # Replicas spread over nodes when there are several, preferred only (one node still takes them all).
+    (spread,) = pod["topologySpreadConstraints"]
+    assert (spread["topologyKey"], spread["whenUnsatisfiable"], spread["maxSkew"]) == (
+        "kubernetes.io/hostname",
+        "ScheduleAnyway",
+        1,
+    )
+    assert spread["labelSelector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert spread["labelSelector"]["matchLabels"]["kiln.dev/revision"] == "1111111111"
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert dep["spec"]["selector"]["matchLabels"][b.REVISION_LABEL] == "1111111111"

@@ -96,6 +96,9 @@ def test_the_first_status_already_says_what_the_new_job_is_doing(spec, phase, re
     first = life.decide(tj(**spec), [], [], None, NOW)
     assert first.status["phase"] == phase
     assert cond(first.status, "Ready")["reason"] == reason
+    # kstatus: suspended as asked is Current (not converging), a starting or queued job is InProgress.
+    assert cond(first.status, "Reconciling")["status"] == ("False" if phase == "Suspended" else "True")
+    assert cond(first.status, "Stalled")["status"] == "False"
     assert first.events == []
     created = first.create[-1]
     created["metadata"]["creationTimestamp"] = T(NOW)

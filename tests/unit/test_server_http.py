@@ -75,7 +75,13 @@ def test_health_metadata_and_unknown_routes(image_server: ServerProcess):
         assert message in json.loads(body)["error"]
     status, _, body = s.request("POST", "/v2/models/other/infer", b"{}")
     assert status == 404
-    assert s.request("GET", "/v2/models/digits/infer")[0] == 405
+    status, headers, body = s.request("GET", "/v2/models/digits/infer")
+    assert status == 405
+    assert headers["allow"] == "POST"  # RFC 9110: a 405 names the methods the resource supports
+    assert "Method Not Allowed" in json.loads(body)["error"]
+    status, headers, _ = s.request("TRACE", "/v2")
+    assert status == 405
+    assert "GET" in headers["allow"]
 
 
 def test_tritonclient_speaks_to_the_server(image_server: ServerProcess, onnx_image: ort.InferenceSession):

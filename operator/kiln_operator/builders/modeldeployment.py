@@ -211,6 +211,16 @@ def deployment(
     }
     pod_spec.update(placement(spec))
     pod_labels = labels(name, key)
+    # A revision's replicas on different nodes where there are several: a node lost takes one replica, not all,
+    # and the PodDisruptionBudget means something. Preferred only, so a one-node cluster still schedules them all.
+    pod_spec["topologySpreadConstraints"] = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {**selector(name), REVISION_LABEL: key}},
+        }
+    ]
     pod_meta: Obj = {
         "labels": dict(pod_labels),
         "annotations": {

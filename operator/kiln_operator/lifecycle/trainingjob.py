@@ -655,6 +655,8 @@ def _set_conditions(
         return "True" if on else "False"
 
     terminal = phase in TERMINAL
+    # Suspended as the spec asks is a state reached, not one converging: GitOps tools (kstatus) read it as Current.
+    settled = terminal or phase == "Suspended"
     model_reason = "ModelPublished" if artifact else ("NoArtifact" if phase == "Succeeded" else phase)
     model_message = (
         f"{artifact['uri']} ({artifact.get('digest', '')})"
@@ -663,7 +665,7 @@ def _set_conditions(
     )
     wanted = [
         Condition("Ready", flag(phase == "Succeeded"), reason, message),
-        Condition("Reconciling", flag(not terminal), reason if not terminal else phase, message),
+        Condition("Reconciling", flag(not settled), reason if not settled else phase, message),
         Condition("Stalled", flag(phase == "Failed"), reason if phase == "Failed" else "NotStalled", message),
         Condition("Running", flag(phase == "Running"), reason, message),
         Condition("Suspended", flag(phase == "Suspended"), reason, message),
