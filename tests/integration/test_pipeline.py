@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import urlencode
 
 import kiln_artifacts as ka
@@ -297,30 +297,42 @@ def test_a_trainer_pod_deleted_mid_run_checkpoints_and_the_next_attempt_resumes(
     assert trained.manifest.metrics["eval_accuracy"] > 0.9
 
 
-class Load:
+class Background:
+    """A thread calling ``tick`` every ``every`` seconds (0: back to back) while the ``with`` block runs."""
+
+    every = 0.0
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.tick()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+class Load(Background):
     """Requests sent one after another through the Service from a thread; every outcome counted."""
 
     def __init__(self, url: str, body: dict[str, Any]) -> None:
         self.url, self.body = url, body
         self.codes: Counter[int] = Counter()
         self.errors: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            code, answer = post(self.url, self.body, timeout=5)
-            self.codes[code] += 1
-            if code != 200:
-                self.errors.append(f"{code}: {str(answer)[:200]}")
-
-    def __enter__(self) -> Load:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
+    def tick(self) -> None:
+        code, answer = post(self.url, self.body, timeout=5)
+        self.codes[code] += 1
+        if code != 200:
+            self.errors.append(f"{code}: {str(answer)[:200]}")
 
 
 def test_the_service_keeps_answering_when_a_serving_pod_is_deleted_and_its_budget_refuses_a_second(served: Demo):
@@ -375,18 +387,18 @@ def evict(demo: Demo, pod: str) -> subprocess.CompletedProcess:
     )
 
 
-class PodTargets:
+class PodTargets(Background):
     """Prometheus' targets for the serving pods, as a PodMonitor on their `metrics` port would give them: written
     to a file_sd file from the API server's pod list every second (Debian's Prometheus is built without the
     Kubernetes discovery), with the target labels the operator's queries select on."""
 
     def __init__(self, demo: Demo, path: Path) -> None:
         self.demo, self.path = demo, path
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.write()
+        self.tick()
 
-    def write(self) -> None:
+    every = 1.0
+
+    def tick(self) -> None:
         targets = []
         for pod in self.demo.items("pods", "kiln.dev/modeldeployment=classifier"):
             ip, labels = pod["status"].get("podIP"), pod["metadata"]["labels"]
@@ -403,44 +415,23 @@ class PodTargets:
         tmp.write_text(json.dumps(targets))
         tmp.replace(self.path)  # whole files only: Prometheus never reads a half-written list
 
-    def run(self) -> None:
-        while not self.stop.wait(1):
-            self.write()
 
-    def __enter__(self) -> PodTargets:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
-
-
-class Capacity:
+class Capacity(Background):
     """Ready replicas of each of the ModelDeployment's revisions (Deployments), sampled every half second."""
 
     def __init__(self, demo: Demo) -> None:
         self.demo = demo
         self.samples: list[dict[str, int]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
 
-    def run(self) -> None:
-        while not self.stop.wait(0.5):
-            found = self.demo.items("deployments", "app.kubernetes.io/instance=classifier")
-            self.samples.append({d["metadata"]["name"]: d["status"].get("readyReplicas") or 0 for d in found})
+    every = 0.5
+
+    def tick(self) -> None:
+        found = self.demo.items("deployments", "app.kubernetes.io/instance=classifier")
+        self.samples.append({d["metadata"]["name"]: d["status"].get("readyReplicas") or 0 for d in found})
 
     def lowest(self, deployment: str | None = None) -> int:
         """The fewest ready replicas seen: of one revision, or of all together (what the Service can route to)."""
         return min(s.get(deployment, 0) if deployment else sum(s.values()) for s in self.samples)
-
-    def __enter__(self) -> Capacity:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
 
 
 def test_a_new_training_run_is_canaried_on_prometheus_and_a_broken_candidate_rolled_back(served: Demo, tmp_path: Path):

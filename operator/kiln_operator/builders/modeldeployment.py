@@ -18,6 +18,7 @@ from typing import Any
 from kiln_artifacts.k8s import pvc_volume
 from kiln_artifacts.uri import parse_uri
 
+from kiln_operator.builders import quantity
 from kiln_operator.builders.trainingjob import (
     CONTAINER_SECURITY,
     POD_SECURITY,
@@ -104,11 +105,8 @@ def _threads(spec: Mapping[str, Any]) -> int:
     runtime = spec.get("runtime") or {}
     if runtime.get("intraOpThreads"):
         return int(runtime["intraOpThreads"])
-    cpu = str((spec.get("resources") or {}).get("cpu") or "")
-    if not cpu:
-        return 0
-    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
-    return max(1, math.ceil(cores))
+    cpu = (spec.get("resources") or {}).get("cpu")
+    return max(1, math.ceil(quantity(cpu))) if cpu else 0
 
 
 def _server_env(md: Mapping[str, Any], uri: str, digest: str | None) -> list[Obj]:
@@ -321,11 +319,6 @@ def pod_disruption_budget(md: Mapping[str, Any]) -> Obj:
     }
 
 
-def _quantity(value: Any) -> float:
-    text = str(value)
-    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-
-
 def autoscaler(md: Mapping[str, Any]) -> Obj:
     """An autoscaling/v2 HPA on the ModelDeployment's scale subresource: it sets spec.replicas, and the controller
     shares those replicas out between the revisions (the HPA never fights a canary over a Deployment)."""
@@ -363,7 +356,7 @@ def autoscaler(md: Mapping[str, Any]) -> Obj:
 
 
 def _percent(auto: Mapping[str, Any]) -> int:
-    return max(1, round(_quantity(auto["target"])))
+    return max(1, round(quantity(auto["target"])))
 
 
 def replicas(md: Mapping[str, Any]) -> int:

@@ -18,6 +18,8 @@ from typing import Any
 from kiln_artifacts.k8s import pvc_volume
 from kiln_artifacts.uri import parse_uri
 
+from kiln_operator.builders import quantity
+
 Obj = dict[str, Any]
 
 CONTAINER = "trainer"
@@ -224,9 +226,7 @@ def threads_env(spec: Mapping[str, Any], nproc: int) -> list[Obj]:
     res = spec.get("resources") or {}
     if res.get("gpus") or res.get("cpu") is None:
         return []
-    text = str(res["cpu"])
-    cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-    return [{"name": "OMP_NUM_THREADS", "value": str(max(1, int(cores // nproc)))}]
+    return [{"name": "OMP_NUM_THREADS", "value": str(max(1, int(quantity(res["cpu"]) // nproc)))}]
 
 
 def placement(spec: Mapping[str, Any]) -> Obj:
