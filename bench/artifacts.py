@@ -1,6 +1,6 @@
 """Benchmark: publish and load of an artifact on file:// and s3:// against a plain copy measured in the same run.
 
-    .venv/bin/python bench/artifacts.py --size-mb 500 --repeat 5 --s3-repeat 2
+    .venv/bin/python -m bench.artifacts --size-mb 500 --repeat 5 --s3-repeat 2
 
 The artifact is one weights file of --size-mb MiB plus three small files (config, tokenizer, vocab), like a
 Hugging Face model folder. Baselines, measured in the same run and the same way:

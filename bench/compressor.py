@@ -1,38 +1,30 @@
 """Compression figures: fp32 ONNX vs dynamic int8 vs static int8, for a text model and an image model, one run.
 
-    .venv/bin/python bench/compressor.py                      # CPU (and fp16 vs fp32 on CUDA when present)
-    .venv/bin/python bench/compressor.py --iterations 50 --threads 2
+    .venv/bin/python -m bench.compressor                      # CPU (and fp16 vs fp32 on CUDA when present)
+    .venv/bin/python -m bench.compressor --iterations 50 --threads 2
+
+Run from the repository root: the models are made with the tests' own helpers (tests/support/compressor.py).
 
 Models are made with the trainer first (cached in --workdir): the packaged MiniLM fine-tuned on a synthetic
 labelled set (no real labelled text set is packaged, so its accuracy delta says little) and KilnCNN trained on
 Fashion-MNIST (digits when the Debian package is absent). Every figure comes from the compressor itself
 (``python -m kiln_compressor``'s report): each candidate is timed interleaved with the source's plain fp32 ONNX
 export on the same execution provider, so the latency ratios compare runs made at the same moments of a
-machine that may be shared. Targets (issue 7, CPU): int8 model.onnx <= 30 % of fp32, p50 <= 60 % of fp32 ONNX,
+machine that may be shared. Targets (CPU): int8 model.onnx <= 30 % of fp32, p50 <= 60 % of fp32 ONNX,
 accuracy drop <= 1 point; GPU: fp16 p50 <= 55 % of fp32 on CUDAExecutionProvider.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
-# Python puts this script's folder first on sys.path, where a module named like a standard one (bench/operator.py)
-# would shadow it: drop the folder before anything imports `operator`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "operator"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import compressor_support as support  # noqa: E402
+from tests.support import compressor as support
 
 
 def say(text: str) -> None:

@@ -1,6 +1,8 @@
 """ModelDeployment controller, against the real local control plane (kwok plays the serving pods), in one run:
 
-    .venv/bin/python bench/modeldeployments.py
+    .venv/bin/python -m bench.modeldeployments
+
+Run from the repository root: the cluster, Prometheus and the servers come from the tests' helpers (tests/support/).
 
 1. create -> Ready: --sequential ModelDeployments one after the other (children created, kwok pods ready, status
    Ready with the right replicas), then --burst of them created at once; p50/p99/max;
@@ -34,17 +36,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+import kiln_artifacts as ka
+from kiln_operator.builders import modeldeployment as b
+from kiln_operator.kube import Client
+from tests.support.cluster import Cluster, bench_cluster
+from tests.support.net import free_port
+from tests.support.prometheus import prometheus_binary, run_prometheus
+from tests.support.server import ServerProcess, image_request, onnx_artifact_of
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests")]
-
-import kiln_artifacts as ka  # noqa: E402
-import numpy as np  # noqa: E402
-from harness import Cluster, bench_cluster, free_port  # noqa: E402
-from prometheus_support import prometheus_binary, run_prometheus  # noqa: E402
-from server_support import ServerProcess, _image_artifact, image_request  # noqa: E402
-
-from kiln_operator.builders import modeldeployment as b  # noqa: E402
-from kiln_operator.kube import Client  # noqa: E402
 
 NS = "bench-md"
 
@@ -86,15 +88,13 @@ class Api:
         self.client = client
 
     async def list(self, path: str) -> list[dict[str, Any]]:
-        _, text = await self.client._call("GET", path, path.rsplit("/", 1)[-1])
-        return json.loads(text)["items"]
+        return (await self.client.get(path, path.rsplit("/", 1)[-1]))["items"]
 
     async def get(self, path: str) -> dict[str, Any] | None:
         try:
-            _, text = await self.client._call("GET", path, "get")
+            return await self.client.get(path, "get")
         except Exception:
             return None
-        return json.loads(text)
 
     async def mds(self) -> dict[str, dict[str, Any]]:
         return {
@@ -354,14 +354,15 @@ async def real_servers(
     args: argparse.Namespace, cluster: Cluster, api: Api, client: Client, tmp: Path, start_operator: Any
 ) -> dict[str, Any]:
     import torch
-    from kiln_trainer.models import KilnCNN
+
+    from kiln_artifacts.models import KilnCNN
 
     arts = []
     for i in range(3):
         root = tmp / f"real-{i}"
         root.mkdir()
         torch.manual_seed(i)
-        uri, _ = _image_artifact(str(root), KilnCNN(10).eval())
+        uri, _ = onnx_artifact_of(str(root), KilnCNN(10).eval())
         arts.append(ka.load(uri))
     keys = [a.digest[7:17] for a in arts]
     servers = {k: ServerProcess(tmp, a.uri, name="digits").start() for k, a in zip(keys, arts, strict=True)}
@@ -487,7 +488,6 @@ async def run(args: argparse.Namespace, cluster: Cluster, sa_kubeconfig: Path, t
             **os.environ,
             "KUBECONFIG": str(sa_kubeconfig),
             "KILN_ARTIFACT_ROOT": f"file://{store}",
-            "PYTHONPATH": str(REPO / "operator"),
             **extra,
         }
         return subprocess.Popen(

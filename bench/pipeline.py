@@ -1,7 +1,7 @@
 """The sample pipeline on the cluster against the same work run directly as processes here, in the same run.
 
     hack/up.sh                              # once: the cluster, its real node, the operator with its store
-    .venv/bin/python bench/pipeline.py      # about 3 minutes on the 2-core development machine
+    .venv/bin/python -m bench.pipeline      # about 3 minutes on the 2-core development machine
 
 Cluster side: manifests/overlays/local-samples applied into a fresh namespace (the store shared with it by
 `hack/real-node.sh share`), its progress polled every 0.2 s, then Open Inference Protocol requests through the
@@ -33,11 +33,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "operator"))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from kiln_artifacts import samples  # noqa: E402
+from kiln_artifacts import samples
+
+REPO = Path(__file__).resolve().parents[1]
 
 DATASET = "pvc://kiln-store/datasets/digits"
 
@@ -157,7 +157,6 @@ def job_command(ns: str, selector: str) -> tuple[list[str], dict[str, str]]:
 
 def run(command: list[str], env: dict[str, str], root: Path, what: str) -> float:
     full = {**os.environ, **env, "KILN_PVC_ROOT": str(root), "KILN_TERMINATION_LOG": str(root / f"{what}.termination")}
-    full["PYTHONPATH"] = str(REPO / "operator")
     t = time.monotonic()
     out = subprocess.run(command, env=full, capture_output=True, text=True, timeout=900)
     if out.returncode:
@@ -184,7 +183,7 @@ def direct_side(ns: str, body: bytes, root: Path) -> dict[str, float]:
     args = [sys.executable, "-m", "kiln_server", "--model-uri", model_uri, "--model-name", "classifier"]
     args += ["--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port())]
     args += ["--metrics-port", str(free_port()), "--termination-log", str(root / "server.termination")]
-    env = {**os.environ, "KILN_PVC_ROOT": str(root), "PYTHONPATH": str(REPO / "operator")}
+    env = {**os.environ, "KILN_PVC_ROOT": str(root)}
     server = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/v2/models/classifier/infer"

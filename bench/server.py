@@ -1,11 +1,13 @@
 """Kiln's inference server against the raw ONNX Runtime limit, MLServer and KServe's Python model server, in one run.
 
-    .venv/bin/python bench/server.py                    # everything (creates bench/.venv-mlserver, -kserve if missing)
-    .venv/bin/python bench/server.py --peers none       # raw ORT + Kiln only
-    .venv/bin/python bench/server.py --peer-layout single  # peers in one worker of 2 threads (not like for like)
+    .venv/bin/python -m bench.server                    # everything (creates bench/.venv-mlserver, -kserve if missing)
+    .venv/bin/python -m bench.server --peers none       # raw ORT + Kiln only
+    .venv/bin/python -m bench.server --peer-layout single  # peers in one worker of 2 threads (not like for like)
+
+Run from the repository root: the model is made with the tests' own helpers (tests/support/server.py).
 
 Model: the packaged MiniLM (all-MiniLM-L6-v2, 22.7 M parameters) with a 2-class head, exported to ONNX (fp32) as
-a kiln artifact (tests/server_support.py). Every server receives raw text (one sentence per request, OIP JSON
+a kiln artifact. Every server receives raw text (one sentence per request, OIP JSON
 ``BYTES``), tokenizes it with the same ``tokenizers`` tokenizer, pads per batch and runs the same ONNX file in an
 ONNX Runtime session built with the same options (intra-op threads, inter-op 1, spinning off, all graph
 optimisations). Peers: MLServer 1.7.1 with a custom ``MLModel`` wrapping that session (MLServer has no ONNX Runtime
@@ -26,24 +28,17 @@ of Kiln's threads per instance) and the higher counts. The load generator is one
 asyncio, one HTTP/1.1 keep-alive connection per client, closed loop, the same request bodies.
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
-
-import os
-import sys
-
-# bench/ holds other scripts (bench/operator.py) that would shadow standard-library modules of the same name while
-# this script's folder is first on sys.path: drop it before anything else is imported.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != _HERE]
 
 import argparse
 import contextlib
 import json
+import os
 import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -551,7 +546,6 @@ def kiln_server(work: Path, uri: str, args: argparse.Namespace) -> Server:
     port, gport, mport = free_port(), free_port(), free_port()
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO / "operator"),
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -660,10 +654,8 @@ def main() -> int:
     (work / "kiln_bench_session.py").write_text(SESSION_CODE)
     log(f"work folder {work}; load average {loadavg()}; {os.cpu_count()} CPUs")
 
-    log("building the MiniLM ONNX artifact (tests/server_support.py)")
-    sys.path.insert(0, str(REPO / "tests"))
-    sys.path.insert(0, str(REPO / "operator"))
-    from server_support import text_artifact
+    log("building the MiniLM ONNX artifact (tests/support/server.py)")
+    from tests.support.server import text_artifact
 
     uri, _ = text_artifact(str(work / "artifacts"))
     art_dir = Path(uri.removeprefix("file://"))

@@ -1,6 +1,6 @@
 """Trainer overhead: samples/s of kiln_trainer against a plain PyTorch loop, same model, data and batch, same run.
 
-    .venv/bin/python bench/trainer.py --dataset fashion-mnist --steps 300 --batch-size 64 --repeat 2
+    .venv/bin/python -m bench.trainer --dataset fashion-mnist --steps 300 --batch-size 64 --repeat 2
 
 Both sides time only the optimizer steps (setup, data loading and evaluation excluded): the trainer's figure is
 its own progress report (steps x global batch / time since its first step), the plain loop's is measured the
@@ -12,18 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-
 import torch
+
 from kiln_artifacts import samples
+from kiln_artifacts.models import KilnCNN
 from kiln_trainer.config import parse_config
 from kiln_trainer.loop import Dist, Trainer
-from kiln_trainer.models import KilnCNN, image_batch
+from kiln_trainer.models import image_batch
 
 
 def plain_loop(folder: Path, steps: int, batch: int, lr: float, seed: int, device: torch.device) -> float:

@@ -1,6 +1,8 @@
 """TrainingJob controller at scale, against the real local control plane (kwok nodes), in one run:
 
-    .venv/bin/python bench/trainingjobs.py --jobs 1000 --churn-seconds 600
+    .venv/bin/python -m bench.trainingjobs --jobs 1000 --churn-seconds 600
+
+Run from the repository root: the cluster comes from the tests' helpers (tests/support/cluster.py).
 
 1. raw limit: the same number of batch/v1 Jobs (the builder's, suspended so they start no pods) created directly
    with one async client (the same concurrency) -> Jobs/s; and N TrainingJobs created with no operator watching
@@ -32,14 +34,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from kiln_operator.builders import trainingjob as b
+from kiln_operator.kube import Client
+from tests.support.cluster import Cluster, bench_cluster
+from tests.support.net import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests")]
-
-import yaml  # noqa: E402
-from harness import Cluster, bench_cluster, free_port  # noqa: E402
-
-from kiln_operator.builders import trainingjob as b  # noqa: E402
-from kiln_operator.kube import Client  # noqa: E402
 
 RUN_FOREVER = {"kwok.kiln.dev/run-for": "86400s"}
 
@@ -248,7 +250,6 @@ async def run(args: argparse.Namespace, cluster: Cluster, sa_kubeconfig: Path) -
         **os.environ,
         "KUBECONFIG": str(sa_kubeconfig),
         "KILN_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
-        "PYTHONPATH": str(REPO / "operator"),
     }
     op = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
         [

@@ -137,8 +137,9 @@ def wait(ns: str, timeout: float) -> int:
 
 
 def predict(ns: str) -> int:
-    import kiln_artifacts as ka
     import numpy as np
+
+    import kiln_artifacts as ka
     from kiln_artifacts import samples
 
     service = get(ns, "service/classifier")["spec"]

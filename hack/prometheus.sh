@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetches a real Prometheus server for the canary analysis tests (tests/prometheus_support.py): Debian's
+# Fetches a real Prometheus server for the canary analysis tests (tests/support/prometheus.py): Debian's
 # `prometheus` package, downloaded with `apt-get download` and unpacked with `dpkg -x` into
 # $KILN_CACHE/prometheus, outside the checkout. Nothing is installed system-wide and no root is needed.
 # Idempotent: a cached binary that runs, or a `prometheus` already on PATH, is kept as it is.

@@ -63,7 +63,7 @@ print(yaml.safe_dump_all(d for d in yaml.safe_load_all(sys.stdin) if d and d["ki
       # The store as the operator's pod would mount it: $KILN_PVC_ROOT/kiln-store.
       export KILN_PVC_ROOT=$store KILN_ARTIFACT_ROOT=pvc://kiln-store/artifacts
     fi
-    KUBECONFIG=$sa_kubeconfig nohup .venv/bin/kiln-operator --all-namespaces \
+    KUBECONFIG=$sa_kubeconfig nohup .venv/bin/python -m kiln_operator --all-namespaces \
       --liveness=http://127.0.0.1:8080/healthz --metrics=127.0.0.1:9090 > "$state/operator.log" 2>&1 &
     echo $! > "$state/operator.pid"
   fi

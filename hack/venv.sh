@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Creates .venv with the operator and its test tools (idempotent; re-installs when pyproject.toml changes).
+# Creates .venv with every program (one editable install of the kiln distribution: the operator, the shared library
+# and the three workloads) and the test tools (idempotent; re-installs when pyproject.toml changes).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 stamp=.venv/.kiln-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
-echo "[venv] installing the operator and test tools into .venv" >&2
+echo "[venv] installing kiln (editable) and the test tools into .venv" >&2
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --upgrade --progress-bar off pip 2>&1 | { grep -E '^(Successfully|ERROR)' >&2 || true; }
 # One line per package as pip resolves and downloads (a fresh machine takes minutes: torch alone is ~3 GB).

@@ -12,8 +12,9 @@ import re
 from typing import Any
 
 from .errors import InvalidNameError
+from .settings import DEFAULT_PVC_ROOT, PVC_ROOT_ENV
 from .storage import S3_KEY_ENV, S3_SECRET_ENV, S3_TOKEN_ENV
-from .uri import DEFAULT_PVC_ROOT, PVC_ROOT_ENV, ArtifactURI, parse_uri
+from .uri import ArtifactURI, parse_uri
 
 _SECRET = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 

@@ -24,18 +24,14 @@ from .manifest import (
     parse_manifest,
 )
 from .publish import STAGING_DIR, scan_source
+from .settings import default_cache_dir
 from .storage import Location, resolve
 from .uri import ArtifactURI, parse_uri
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "KILN_ARTIFACT_CACHE"
 DEFAULT_LAZY_THRESHOLD = 64 << 20
 Verify = Literal["full", "lazy"]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kiln" / "artifacts")
 
 
 @dataclass

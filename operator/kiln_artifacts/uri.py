@@ -10,16 +10,16 @@ Supported schemes (README "Artifacts"):
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import InvalidURIError, ReadOnlyStoreError
 
+# Also importable from here, where code that maps pvc:// URIs onto pods looks for them.
+from .settings import pvc_root
+
 SCHEMES = ("file", "pvc", "s3", "hf")
-PVC_ROOT_ENV = "KILN_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/kiln/pvc"
 
 MAX_URI_LENGTH = 4096
 MAX_SEGMENT_BYTES = 255
@@ -92,7 +92,7 @@ class ArtifactURI:
         if self.scheme == "file":
             return Path(self.path)
         if self.scheme == "pvc":
-            root = Path(os.environ.get(PVC_ROOT_ENV) or DEFAULT_PVC_ROOT)
+            root = pvc_root()
             return root / self.authority / self.path if self.path else root / self.authority
         return None
 

@@ -1,6 +1,4 @@
-"""Kiln's operator. `kopf run -m kiln_operator` (or the `kiln-operator` script) loads every handler below."""
+"""Kiln's operator. ``kopf run -m kiln_operator.startup`` (or ``kiln-operator``) registers and runs the handlers;
+importing any other module of the package registers nothing."""
 
-from kiln_operator import handlers, settings
-
-__all__ = ["handlers", "settings"]
 __version__ = "0.1.0"

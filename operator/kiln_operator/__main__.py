@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from kiln_operator.settings import DEFAULT_METRICS_ADDRESS, METRICS_ADDRESS_ENV
+from kiln_operator.config import DEFAULT_METRICS_ADDRESS, METRICS_ADDRESS_ENV
 
 
 def parse(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -16,7 +16,6 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
     p.add_argument(
         "--metrics",
-        default=os.environ.get(METRICS_ADDRESS_ENV) or DEFAULT_METRICS_ADDRESS,
         help=f"Prometheus endpoint HOST:PORT (default: ${METRICS_ADDRESS_ENV} or {DEFAULT_METRICS_ADDRESS})",
     )
     p.add_argument("--verbose", action="store_true")
@@ -27,14 +26,14 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         "run",
         "--standalone",
         "-m",
-        "kiln_operator",
+        "kiln_operator.startup",
         f"--liveness={a.liveness}",
         f"--log-format={a.log_format}",
     ]
     kopf_argv += ["-A"] if a.all_namespaces else [f"--namespace={ns}" for ns in a.namespace]
     if a.verbose:
         kopf_argv.append("--verbose")
-    return kopf_argv, {METRICS_ADDRESS_ENV: a.metrics}
+    return kopf_argv, ({METRICS_ADDRESS_ENV: a.metrics} if a.metrics else {})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@ ModelDeployment over a recent window.
 Two sources, one result (`Sample`):
 
 - `Prometheus`: the production path, PromQL over Prometheus' HTTP API (``/api/v1/query``) on the series that
-  kiln_server exports (images/server/README.md "Metrics") and the pod labels Prometheus attaches as target labels.
+  kiln_server exports (docs/server.md "Metrics") and the pod labels Prometheus attaches as target labels.
 - `scrape` + `since`: when no Prometheus is configured, the operator reads the pods' ``/metrics`` itself, keeps
   the cumulative counters from the start of the window and subtracts; `quantile` reproduces Prometheus'
   ``histogram_quantile`` so that both paths judge latency the same way.

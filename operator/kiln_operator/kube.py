@@ -4,6 +4,7 @@ logged in with the same credentials as kopf; every request is counted by verb an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Mapping
@@ -73,7 +74,7 @@ class Client:
             self._session = aiohttp.ClientSession(
                 base_url=self._info.server,
                 connector=aiohttp.TCPConnector(limit=64, ssl=self._info.as_ssl_context()),
-                headers={**self._info.as_http_headers(), "User-Agent": "kiln-operator"},
+                headers={"User-Agent": "kiln-operator"},
                 timeout=self._timeout,
             )
         return self._session
@@ -85,16 +86,22 @@ class Client:
     async def _call(
         self, method: str, url: str, plural: str, *, body: Any = None, content_type: str = "application/json", **kw: Any
     ) -> tuple[int, str]:
-        REQUESTS.labels(method.lower(), plural).inc()
         data = json.dumps(body) if body is not None else None
         headers = {"Content-Type": content_type} if data is not None else {}
         for attempt in (1, 2):
-            async with self._open().request(method, url, data=data, headers=headers, **kw) as response:
+            # The credentials go with each request, not with the session every controller shares: logging in
+            # again never cuts off the requests in flight.
+            info = self._info
+            REQUESTS.labels(method.lower(), plural).inc()
+            async with self._open().request(
+                method, url, data=data, headers={**headers, **info.as_http_headers()}, **kw
+            ) as response:
                 text = await response.text()
                 if response.status == 401 and attempt == 1:
-                    # A rotated ServiceAccount token: log in again, as kopf does, and retry once.
-                    await self.close()
-                    self._info = login()
+                    # A rotated ServiceAccount token: log in again, as kopf does (once for all the requests
+                    # that were refused together), and retry once.
+                    if self._info is info:
+                        self._info = await asyncio.to_thread(login)
                     continue
                 if response.status >= 400:
                     raise ApiError(response.status, method, url, text)
@@ -106,6 +113,10 @@ class Client:
         prefix, plural = _PATHS[(api_version, kind)]
         url = f"{prefix}/namespaces/{namespace}/{plural}"
         return (f"{url}/{name}" if name else url), plural
+
+    async def get(self, path: str, resource: str) -> Any:
+        """GET an API path (an object or a list) as JSON; ``resource`` labels the request in the metrics."""
+        return json.loads((await self._call("GET", path, resource))[1])
 
     async def create_or_get(self, obj: Mapping[str, Any]) -> Obj:
         """Create; on 409 (it exists: a retried pass, or a restart after the create) return the existing one."""

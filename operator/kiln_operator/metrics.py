@@ -6,12 +6,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
-import kopf
 import prometheus_client
 from prometheus_client import Counter, Histogram
 
 RECONCILES = Counter(
-    "kiln_reconciles_total", "Reconcile passes by kind and outcome (success, retry, error).", ["kind", "outcome"]
+    "kiln_reconciles_total",
+    "Reconcile passes by kind and outcome (success; error: the pass raised and is retried with backoff).",
+    ["kind", "outcome"],
 )
 RECONCILE_ERRORS = Counter(
     "kiln_reconcile_errors_total", "Reconcile passes that raised, by kind and exception type.", ["kind", "error"]
@@ -28,7 +29,7 @@ R = TypeVar("R")
 
 
 def instrumented(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
-    """Count, time and classify every call of an async kopf handler for `kind`."""
+    """Count, time and classify every reconcile pass (an async call) of `kind`."""
 
     def decorator(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(fn)
@@ -36,9 +37,6 @@ def instrumented(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P,
             started = time.perf_counter()
             try:
                 result = await fn(*args, **kwargs)
-            except kopf.TemporaryError:
-                RECONCILES.labels(kind, "retry").inc()
-                raise
             except BaseException as e:
                 RECONCILES.labels(kind, "error").inc()
                 RECONCILE_ERRORS.labels(kind, type(e).__name__).inc()

@@ -72,6 +72,7 @@ class WorkQueue:
     def forget(self, key: Key) -> None:
         self._due.pop(key, None)
         self._failures.pop(key, None)
+        self._dirty.discard(key)
 
     async def _run(self, key: Key) -> None:
         try:
@@ -89,6 +90,11 @@ class WorkQueue:
                         self._failures[key] = n + 1
                         delay = self._backoff[min(n, len(self._backoff) - 1)]
                         log.exception("reconcile of %s failed (attempt %d); again in %ss", key, n + 1, delay)
+                        # Requests that came meanwhile wait for the backoff too: a failing pass is not retried
+                        # at once because an event arrived.
+                        self._dirty.discard(key)
+                        self.at(key, delay)
+                        return
                 if delay is not None:
                     self.at(key, delay)
                 if key not in self._dirty:

@@ -15,7 +15,7 @@ from typing import Any
 import kr8s
 import pytest
 import yaml
-from harness import (
+from support.cluster import (
     OPERATOR_KUBECONFIG_ENV,
     REPO,
     Cluster,
@@ -24,7 +24,7 @@ from harness import (
     run_operator,
     service_account_kubeconfig,
 )
-from waiting import wait_for
+from support.waiting import wait_for
 
 CLUSTER_NAME = "kiln-test"
 

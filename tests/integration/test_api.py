@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import REPO, Cluster
+from support.cluster import REPO, Cluster
 
 SAMPLES = REPO / "manifests/samples"
 DELETE = object()  # marks a key to remove in a mutation

@@ -1,4 +1,4 @@
-"""The local control plane is real and gives later issues what they test against: GPU and CPU nodes,
+"""The local control plane is real and has what the other tests run against: GPU and CPU nodes,
 scheduling by extended resources and taints, Jobs that run to completion, and injectable pod failures."""
 
 import asyncio
@@ -10,9 +10,9 @@ from typing import Any
 
 import kr8s
 import pytest
-from harness import REPO, SIMULATED_TAINT, Cluster
 from kr8s.objects import Pod, object_from_spec
-from waiting import wait_for
+from support.cluster import REPO, SIMULATED_TAINT, Cluster
+from support.waiting import wait_for
 
 from kiln_operator.analysis import AnalysisUnavailable, scrape
 

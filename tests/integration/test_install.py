@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import OPERATOR_KUBECONFIG_ENV, REPO, Cluster, run_operator, service_account_kubeconfig
-from waiting import wait_for
+from support.cluster import OPERATOR_KUBECONFIG_ENV, REPO, Cluster, run_operator, service_account_kubeconfig
+from support.waiting import wait_for
 
 MANIFESTS = REPO / "manifests"
 OPERATOR = "system:serviceaccount:kiln-system:kiln-operator"

@@ -5,11 +5,12 @@ compressor's own tests produce for real), the gates decide, and promotion writes
 import json
 from pathlib import Path
 
-import kiln_artifacts as ka
 import pytest
 import yaml
-from harness import Cluster, Operator
-from waiting import wait_for
+from support.cluster import Cluster, Operator
+from support.waiting import wait_for
+
+import kiln_artifacts as ka
 
 
 @pytest.fixture(autouse=True)

@@ -12,14 +12,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import kiln_artifacts as ka
 import numpy as np
 import pytest
 import yaml
-from harness import REPO, Cluster, run_operator
-from prometheus_support import require_prometheus, run_prometheus
-from server_support import Broken, ServerProcess, _image_artifact, image_request
-from waiting import wait_for
+from support.cluster import REPO, Cluster, run_operator
+from support.prometheus import require_prometheus, run_prometheus
+from support.server import Broken, ServerProcess, image_request, onnx_artifact_of
+from support.waiting import wait_for
+
+import kiln_artifacts as ka
 
 D1 = "sha256:" + "a" * 64
 
@@ -139,7 +140,7 @@ def test_crash_looping_pods_make_it_degraded_not_ready(cluster: Cluster, namespa
         "metadata": {
             "annotations": {
                 "kwok.kiln.dev/waiting-reason": "CrashLoopBackOff",
-                "kwok.kiln.dev/last-exit-code": "3",
+                "kwok.kiln.dev/last-exit-code": "10",  # ExitCode.ARTIFACT
                 "kwok.kiln.dev/message": "artifact file model.onnx: sha256 mismatch",
             }
         },
@@ -257,12 +258,13 @@ def test_canary_without_prometheus_waits_when_its_pods_cannot_be_scraped(cluster
 
 def image_model(root: Path, seed: int | None) -> ka.Artifact:
     import torch
-    from kiln_trainer.models import KilnCNN
+
+    from kiln_artifacts.models import KilnCNN
 
     root.mkdir(parents=True)
     torch.manual_seed(seed or 0)
     model = Broken.build() if seed is None else KilnCNN(10).eval()
-    uri, _ = _image_artifact(str(root), model)
+    uri, _ = onnx_artifact_of(str(root), model)
     return ka.load(uri)
 
 

@@ -1,10 +1,10 @@
-"""The chain from the foundation issue: CRDs applied with kubectl to the real API server, custom resources
+"""The whole chain: CRDs applied with kubectl to the real API server, custom resources
 created, the operator (kopf under KopfRunner) reconciling them, with its liveness and metrics endpoints."""
 
 import re
 
-from harness import REPO, Cluster, Operator, run_operator
-from waiting import wait_for
+from support.cluster import REPO, Cluster, Operator, run_operator
+from support.waiting import wait_for
 
 KINDS = ("trainingjobs", "modelcompressions", "modeldeployments")
 

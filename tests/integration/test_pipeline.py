@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import urlencode
 
-import kiln_artifacts as ka
 import numpy as np
 import pytest
 import yaml
-from harness import PERMISSION_ERROR, REAL_NODE, REPO, RESTRICTED, Cluster
+from support.cluster import PERMISSION_ERROR, REAL_NODE, REPO, RESTRICTED, Cluster
+from support.prometheus import require_prometheus, run_prometheus
+from support.server import Broken, onnx_artifact_of
+from support.waiting import wait_for
+
+import kiln_artifacts as ka
 from kiln_artifacts import samples
-from prometheus_support import require_prometheus, run_prometheus
-from server_support import Broken, _image_artifact
-from waiting import wait_for
 
 T = TypeVar("T")
 OPERATOR = ("-n", "kiln-system", "-l", "app.kubernetes.io/name=kiln-operator")
@@ -503,7 +504,7 @@ def test_a_new_training_run_is_canaried_on_prometheus_and_a_broken_candidate_rol
             # set as the source: a canary, judged on Prometheus' 5xx counts, rolled back.
             with pytest.MonkeyPatch.context() as m:
                 m.setenv("KILN_PVC_ROOT", str(demo.store))
-                _image_artifact(str(demo.store / f"kiln-store/uploads/{demo.ns}/broken"), Broken.build())
+                onnx_artifact_of(str(demo.store / f"kiln-store/uploads/{demo.ns}/broken"), Broken.build())
                 broken = ka.load(f"pvc://kiln-store/uploads/{demo.ns}/broken/image-model")
             v2 = st["current"]
             before = dict(load.codes)

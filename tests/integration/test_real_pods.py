@@ -16,14 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kiln_artifacts as ka
 import numpy as np
 import pytest
 import yaml
-from harness import IMAGES, PERMISSION_ERROR, REAL_NODE, REPO, RESTRICTED, Cluster, run_operator
+from support.cluster import IMAGES, PERMISSION_ERROR, REAL_NODE, REPO, RESTRICTED, Cluster, run_operator
+from support.waiting import wait_for
+
+import kiln_artifacts as ka
 from kiln_artifacts import samples
 from kiln_artifacts.k8s import pvc_volume
-from waiting import wait_for
 
 POD_SECURITY = {
     "runAsNonRoot": True,

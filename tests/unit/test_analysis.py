@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 from aiohttp import web
-from prometheus_support import prometheus_binary, require_prometheus, run_prometheus
-from server_support import ServerProcess, free_port, image_artifact, image_request
-from waiting import wait_for
+from support.prometheus import prometheus_binary, require_prometheus, run_prometheus
+from support.server import ServerProcess, free_port, image_artifact, image_request
+from support.waiting import wait_for
 
 from kiln_operator.analysis import (
     AnalysisUnavailable,

@@ -16,11 +16,11 @@ import sys
 import time
 from datetime import timedelta
 
-import kiln_artifacts as ka
 import pytest
+from support.artifacts import local_files, s3_keys
+
+import kiln_artifacts as ka
 from kiln_artifacts.storage import resolve
-from test_artifacts_support import *  # noqa: F403 - the shared fixtures
-from test_artifacts_support import local_files, s3_keys
 
 CHILD = r"""
 import os, signal, sys

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from kiln_artifacts import FileEntry, InvalidManifestError, Lineage, Manifest, Producer, compute_digest, parse_manifest
 from kiln_artifacts.manifest import DatasetRef, library_versions
 

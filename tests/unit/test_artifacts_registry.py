@@ -8,11 +8,11 @@ import sys
 import threading
 from datetime import UTC, datetime, timedelta
 
-import kiln_artifacts as ka
 import pytest
+from support.artifacts import make_model
+
+import kiln_artifacts as ka
 from kiln_artifacts.storage import resolve
-from test_artifacts_support import *  # noqa: F403 - the shared fixtures
-from test_artifacts_support import make_model
 
 
 def publish_n(store: str, tmp_path, n: int, folder: str = "runs", kind: str = "model") -> list[ka.Artifact]:

@@ -6,8 +6,9 @@ import importlib.util
 import json
 import os
 
-import kiln_artifacts as ka
 import pytest
+
+import kiln_artifacts as ka
 from kiln_artifacts import samples
 
 

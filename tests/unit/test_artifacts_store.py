@@ -8,11 +8,11 @@ import re
 import threading
 from pathlib import Path
 
-import kiln_artifacts as ka
 import pytest
+from support.artifacts import make_model, s3_keys
+
+import kiln_artifacts as ka
 from kiln_artifacts.storage import resolve
-from test_artifacts_support import *  # noqa: F403 - the shared fixtures
-from test_artifacts_support import make_model, s3_keys
 
 
 def corrupt(uri: str, rel: str, data: bytes | None) -> None:

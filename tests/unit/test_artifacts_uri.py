@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from kiln_artifacts import InvalidURIError, ReadOnlyStoreError, parse_uri
 from kiln_artifacts.errors import InvalidNameError
 from kiln_artifacts.k8s import hf_env, pvc_volume, s3_env

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
+from kiln_operator import labels
 from kiln_operator.api.trainingjob import SPEC
 from kiln_operator.builders import trainingjob as b
+from kiln_operator.builders.pods import merge
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "manifests" / "samples"
@@ -94,7 +96,10 @@ def check_structure(obj: dict[str, Any]) -> None:
         assert len(paths) == len(set(paths))
     # The hostname of the last pod (<job>-<index>) must be a DNS label too.
     assert len(f"{obj['metadata']['name']}-{obj['spec']['completions'] - 1}") <= 63
-    assert obj["spec"]["template"]["metadata"]["labels"][b.TJ_LABEL] == obj["metadata"]["labels"][b.TJ_LABEL]
+    assert (
+        obj["spec"]["template"]["metadata"]["labels"][labels.TRAININGJOB]
+        == obj["metadata"]["labels"][labels.TRAININGJOB]
+    )
 
 
 @pytest.mark.parametrize("sample", [SINGLE, MULTI, KUEUE])
@@ -103,7 +108,7 @@ def test_samples_build_valid_children(sample):
     svc, job = b.headless_service(body), b.indexed_job(body, 1)
     check_structure(svc)
     check_structure(job)
-    assert svc["spec"]["selector"] == {b.TJ_LABEL: body["metadata"]["name"]}
+    assert svc["spec"]["selector"] == {labels.TRAININGJOB: body["metadata"]["name"]}
     assert svc["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
 
 
@@ -132,7 +137,7 @@ def test_indexed_job_shape():
     assert job["metadata"] == {
         "name": "llm-sft-multinode-3",
         "namespace": "team-a",
-        "labels": b.labels("llm-sft-multinode", 3),
+        "labels": b.child_labels("llm-sft-multinode", 3),
         "annotations": {},
     }
     # A disruption fails the Job by a rule, so its Failed condition names it after the pod is gone.
@@ -327,7 +332,7 @@ def test_pod_template_merges_but_cannot_replace_what_kiln_owns():
     body = load(SINGLE)
     plain = b.indexed_job(body, 1)
     body["spec"]["podTemplate"] = {
-        "metadata": {"labels": {"team": "nlp", b.TJ_LABEL: "other"}, "annotations": {"a": "b"}},
+        "metadata": {"labels": {"team": "nlp", labels.TRAININGJOB: "other"}, "annotations": {"a": "b"}},
         "spec": {
             "terminationGracePeriodSeconds": 900,
             "restartPolicy": "OnFailure",
@@ -349,7 +354,7 @@ def test_pod_template_merges_but_cannot_replace_what_kiln_owns():
     check_structure(job)
     meta = job["spec"]["template"]["metadata"]
     assert meta["labels"]["team"] == "nlp"
-    assert meta["labels"][b.TJ_LABEL] == "classifier"
+    assert meta["labels"][labels.TRAININGJOB] == "classifier"
     assert meta["annotations"] == {"a": "b"}
     spec, c = pod(job), trainer(job)
     assert spec["terminationGracePeriodSeconds"] == 900
@@ -372,7 +377,7 @@ def test_merge():
     base = {"a": {"b": 1, "c": [1, 2]}, "l": [{"name": "x", "v": 1}, {"name": "y", "v": 2}], "d": 1}
     over = {"a": {"c": [3]}, "l": [{"name": "y", "w": 3}, {"name": "z"}], "d": None}
     before = copy.deepcopy((base, over))
-    assert b.merge(base, over) == {
+    assert merge(base, over) == {
         "a": {"b": 1, "c": [3]},
         "l": [{"name": "x", "v": 1}, {"name": "y", "v": 2, "w": 3}, {"name": "z"}],
     }

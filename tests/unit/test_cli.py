@@ -5,7 +5,7 @@ from kiln_operator.__main__ import parse
 
 def test_cluster_wide():
     argv, env = parse(["-A", "--metrics", "127.0.0.1:9999"])
-    assert argv[:4] == ["run", "--standalone", "-m", "kiln_operator"]
+    assert argv[:4] == ["run", "--standalone", "-m", "kiln_operator.startup"]
     assert "-A" in argv
     assert "--liveness=http://0.0.0.0:8080/healthz" in argv
     assert env == {"KILN_METRICS_ADDRESS": "127.0.0.1:9999"}

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kiln_compressor.config import parse_config
-from kiln_compressor.report import TERMINATION_LIMIT, ExitCode, UserError, termination_message
 
+from kiln_artifacts.contract import TERMINATION_LIMIT, ExitCode, UserError, termination_message
+from kiln_compressor.config import parse_config
+from kiln_compressor.report import shrink
 from kiln_operator.api import modelcompression
 
 SRC = "file:///models/m"
@@ -154,7 +155,8 @@ def test_termination_message_fits_the_kubelet_limit() -> None:
         "cpuFallbackNodes": ["node-" + "x" * 100] * 256,
         "gates": [{"name": "accuracyDrop", "passed": False, "message": "m" * 1000}],
     }
-    text = termination_message(ExitCode.SUCCEEDED, "done", report=report, artifact={"uri": "file:///a", "digest": "d"})
+    artifact = {"uri": "file:///a", "digest": "d"}
+    text = termination_message(ExitCode.SUCCEEDED, "done", shrink=shrink, report=report, artifact=artifact)
     assert len(text.encode()) <= TERMINATION_LIMIT
     body = json.loads(text)
     assert body["artifact"]["uri"] == "file:///a"
@@ -162,7 +164,8 @@ def test_termination_message_fits_the_kubelet_limit() -> None:
 
 
 def test_gate_verdicts_and_the_gpu_placement_gate() -> None:
-    from kiln_compressor.pipeline import GATE_REASONS, evaluate_gates
+    from kiln_artifacts.contract import GATE_REASONS
+    from kiln_compressor.pipeline import evaluate_gates
 
     summary = {
         "accuracyDrop": 0.02, "agreement": 0.97, "p95Ms": 4.0, "speedup": 1.6,

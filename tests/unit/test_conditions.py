@@ -1,4 +1,4 @@
-from kiln_operator.conditions import Condition, find, set_condition
+from kiln_operator.status import Condition, find, set_condition
 
 READY = Condition("Ready", "True", "Reconciled", "all good")
 

@@ -1,12 +1,16 @@
-"""The packaging rules of the foundation issue, checked where they can silently regress."""
+"""The packaging rules (package layout, pinned dependencies, a Dockerfile per image), checked where they can
+silently regress."""
 
 import subprocess
 import sys
 import sysconfig
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
+import pytest
 import yaml
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -19,17 +23,52 @@ def test_operator_package_does_not_shadow_the_standard_library():
     assert Path(out.stdout.strip()).parent == Path(sysconfig.get_paths()["stdlib"])
 
 
-def test_kopf_is_pinned_exactly_and_ml_libraries_are_extras():
-    deps = PYPROJECT["project"]["dependencies"]
-    kopf = [d for d in deps if d.startswith("kopf")]
+def _name(requirement: str) -> str:
+    return Requirement(requirement.split("#")[0]).name.lower().replace("_", "-")
+
+
+def resolved(*extras: str) -> set[str]:
+    """The distribution names that ``pip install kiln[extras]`` brings: pyproject's own requirements, expanded through
+    its ``kiln[...]`` references and, for what this environment has installed, through each package's metadata."""
+    project = PYPROJECT["project"]
+    todo = [*project["dependencies"], *(r for e in extras for r in project["optional-dependencies"][e])]
+    seen: set[str] = set()
+    while todo:
+        req = Requirement(todo.pop().split("#")[0])
+        name = req.name.lower().replace("_", "-")
+        if name == "kiln":
+            todo += [r for e in req.extras for r in project["optional-dependencies"][e]]
+            continue
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue  # not installed here (onnxruntime-gpu): its own requirements are not known
+        for r in requires:
+            dep = Requirement(r)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in [*req.extras, ""]):
+                todo.append(r)
+    return seen
+
+
+def test_kopf_is_pinned_exactly_in_the_operator_extra_and_ml_libraries_are_not_the_operators():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    kopf = [d for d in extras["operator"] if _name(d) == "kopf"]
     assert len(kopf) == 1
     assert "==" in kopf[0]
     assert tuple(int(x) for x in kopf[0].split("==")[1].split("#")[0].strip().split(".")[:2]) >= (1, 44)
-    names = {d.split("=")[0].split(">")[0].split("<")[0].strip() for d in deps}
-    assert not names & set(ML)
-    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert not {_name(d) for d in PYPROJECT["project"]["dependencies"]} & {"kopf"}  # the base goes into every image
+    assert not resolved("operator") & set(ML)
     assert {"trainer", "compressor", "server"} <= set(extras)
     assert any(d.startswith("torch==") for d in extras["trainer"])
+
+
+@pytest.mark.parametrize("extra", ["artifacts", "samples", "trainer", "compressor", "server"])
+def test_workload_extras_do_not_pull_kopf(extra: str):
+    assert "kopf" not in resolved(extra)
+    assert "kopf" in resolved("operator")
 
 
 def test_every_image_has_a_dockerfile():

@@ -44,14 +44,14 @@ def tj(phase="Succeeded", digest=SRC):
 
 def job(attempt, key=SRC[7:17], **conditions):
     return {
-        "metadata": {"name": b.job_name("small", key, attempt), "labels": b.labels("small", key, attempt)},
+        "metadata": {"name": b.job_name("small", key, attempt), "labels": b.child_labels("small", key, attempt)},
         "status": {"conditions": [{"type": t, "status": "True"} for t in conditions]},
     }
 
 
 def pod(attempt, phase, message, key=SRC[7:17], code=0):
     return {
-        "metadata": {"name": f"small-{key}-{attempt}-x", "labels": b.labels("small", key, attempt)},
+        "metadata": {"name": f"small-{key}-{attempt}-x", "labels": b.child_labels("small", key, attempt)},
         "status": {
             "phase": phase,
             "containerStatuses": [
@@ -144,7 +144,7 @@ def test_a_new_source_artifact_compresses_again_and_keeps_history():
     plan = life.decide(old, tj(digest=new_source), [job(1, Complete=1)], [], NOW, CONFIG)
     assert plan.status["history"][0]["sourceDigest"] == SRC
     assert plan.status["history"][0]["outcome"] == "Promoted"
-    assert plan.delete_jobs == [f"small-{SRC[7:17]}-1"]
+    assert plan.deleted("Job") == [f"small-{SRC[7:17]}-1"]
     assert plan.create[0]["metadata"]["name"] == f"small-{new_source[7:17]}-1"
     assert plan.status["promoted"]["digest"] == CAND  # still what is promoted until the new one is
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from kiln_artifacts.contract import ExitCode
+from kiln_operator import labels
 from kiln_operator.analysis import Sample
 from kiln_operator.builders import modeldeployment as b
 from kiln_operator.lifecycle import modeldeployment as life
@@ -87,9 +89,7 @@ class World:
             d["status"] = {"readyReplicas": d["spec"]["replicas"], "replicas": d["spec"]["replicas"]}
 
     def by_role(self, role: str) -> dict[str, Any] | None:
-        return next(
-            (d for d in self.deployments.values() if d["metadata"]["annotations"][b.ROLE_ANNOTATION] == role), None
-        )
+        return next((d for d in self.deployments.values() if d["metadata"]["annotations"][labels.ROLE] == role), None)
 
 
 def cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -156,15 +156,15 @@ def test_canary_passes_every_step_and_promotes_with_surge_first():
     w.ready_all()
     w.step(mc(D2))
     assert w.by_role("stable")["spec"]["replicas"] == 2  # the stable revision keeps its full capacity
-    assert w.by_role("candidate")["metadata"]["annotations"][b.STEP_STARTED_ANNOTATION] == str(int(w.now))
+    assert w.by_role("candidate")["metadata"]["annotations"][labels.STEP_STARTED] == str(int(w.now))
     assert w.md["status"]["canaryWeight"] == 50
     w.now += 10
     plan = w.step(mc(D2), to_analysis(w, good()))
     assert plan.status["analysis"]["verdict"] == "Pass"
     cand = w.by_role("candidate")
-    assert cand["metadata"]["annotations"][b.STEP_ANNOTATION] == "1"
+    assert cand["metadata"]["annotations"][labels.CANARY_STEP] == "1"
     assert cand["spec"]["replicas"] == 2
-    assert b.STEP_STARTED_ANNOTATION not in cand["metadata"]["annotations"]
+    assert labels.STEP_STARTED not in cand["metadata"]["annotations"]
     # Step 1 (100%): the stable revision makes way as far as the candidate's ready replicas (here all 2) cover.
     w.step(mc(D2))
     assert w.by_role("stable")["spec"]["replicas"] == 0
@@ -172,7 +172,7 @@ def test_canary_passes_every_step_and_promotes_with_surge_first():
     w.step(mc(D2))
     w.now += 10
     plan = w.step(mc(D2), to_analysis(w, good()))
-    assert [d["metadata"]["annotations"][b.DIGEST_ANNOTATION] for d in w.deployments.values()] == [D2]
+    assert [d["metadata"]["annotations"][labels.ARTIFACT_DIGEST] for d in w.deployments.values()] == [D2]
     assert w.by_role("stable")["spec"]["replicas"] == 2
     assert plan.status["current"]["digest"] == D2
     assert plan.status["current"]["revision"] == 2
@@ -188,7 +188,7 @@ def test_failed_analysis_rolls_back_and_the_digest_is_not_retried():
     w.now += 10
     bad = Sample(requests=40, errors=8, p95_ms=6.0)
     plan = w.step(mc(D2), to_analysis(w, bad))
-    assert [d["metadata"]["annotations"][b.DIGEST_ANNOTATION] for d in w.deployments.values()] == [D1]
+    assert [d["metadata"]["annotations"][labels.ARTIFACT_DIGEST] for d in w.deployments.values()] == [D1]
     assert w.by_role("stable")["spec"]["replicas"] == 2
     rolled = cond(plan.status, "RolledBack")
     assert rolled["status"] == "True"
@@ -205,7 +205,7 @@ def test_failed_analysis_rolls_back_and_the_digest_is_not_retried():
     assert "not retried" in cond(plan.status, "RolledBack")["message"]
     # A newer artifact is rolled out as usual.
     w.step(mc(D3))
-    assert w.by_role("candidate")["metadata"]["annotations"][b.DIGEST_ANNOTATION] == D3
+    assert w.by_role("candidate")["metadata"]["annotations"][labels.ARTIFACT_DIGEST] == D3
 
 
 def test_retry_digest_with_a_new_generation_tries_again():
@@ -221,7 +221,7 @@ def test_retry_digest_with_a_new_generation_tries_again():
     assert w.by_role("candidate") is None  # same generation as the rollback: still rejected
     w.md["metadata"]["generation"] = 2
     w.step(mc(D2))
-    assert w.by_role("candidate")["metadata"]["annotations"][b.DIGEST_ANNOTATION] == D2
+    assert w.by_role("candidate")["metadata"]["annotations"][labels.ARTIFACT_DIGEST] == D2
 
 
 def test_slow_candidate_fails_on_p95_only_after_min_requests():
@@ -237,7 +237,7 @@ def test_slow_candidate_fails_on_p95_only_after_min_requests():
 
 def crashing(name: str, key: str, code: int, message: str) -> dict[str, Any]:
     return {
-        "metadata": {"name": name, "labels": {b.REVISION_LABEL: key}},
+        "metadata": {"name": name, "labels": {labels.REVISION: key}},
         "status": {
             "phase": "Running",
             "containerStatuses": [
@@ -255,7 +255,9 @@ def crashing(name: str, key: str, code: int, message: str) -> dict[str, Any]:
 def test_candidate_whose_model_does_not_load_is_rolled_back():
     w = deployed({"rollout": CANARY})
     w.step(mc(D2))
-    w.pods = [crashing("sentiment-2222-abc", "2222222222", 3, "artifact file model.onnx: sha256 mismatch")]
+    w.pods = [
+        crashing("sentiment-2222-abc", "2222222222", ExitCode.ARTIFACT, "artifact file model.onnx: sha256 mismatch")
+    ]
     plan = w.step(mc(D2))
     rolled = cond(plan.status, "RolledBack")
     assert rolled["reason"] == "ModelLoadFailed"
@@ -298,7 +300,7 @@ def test_rolling_update_replaces_after_the_new_revision_is_ready():
     assert w.by_role("stable")["spec"]["replicas"] == 2
     w.ready_all()
     plan = w.step(mc(D2))
-    assert [d["metadata"]["annotations"][b.DIGEST_ANNOTATION] for d in w.deployments.values()] == [D2]
+    assert [d["metadata"]["annotations"][labels.ARTIFACT_DIGEST] for d in w.deployments.values()] == [D2]
     assert plan.status["current"]["revision"] == 2
 
 
@@ -369,11 +371,11 @@ def test_server_deployment_is_hardened_and_wired():
     assert spread["labelSelector"]["matchLabels"]["kiln.dev/revision"] == "1111111111"
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    assert dep["spec"]["selector"]["matchLabels"][b.REVISION_LABEL] == "1111111111"
+    assert dep["spec"]["selector"]["matchLabels"][labels.REVISION] == "1111111111"
     assert env["KILN_SERVER_GRPC_PORT"] == "8081"
     assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("http", 8080), ("grpc", 8081), ("metrics", 9090)]
     svc = b.service(md())
-    assert svc["spec"]["selector"] == {b.MD_LABEL: "sentiment"}  # every revision in service
+    assert svc["spec"]["selector"] == {labels.MODELDEPLOYMENT: "sentiment"}  # every revision in service
     # REST and gRPC on the Service; gRPC as h2c, so a Gateway or mesh balances calls, not connections
     ports = {p["name"]: p for p in b.service(md(service={"port": 80, "grpcPort": 9000}))["spec"]["ports"]}
     assert (ports["http"]["port"], ports["http"]["targetPort"]) == (80, "http")

@@ -4,12 +4,15 @@ import json
 
 import pytest
 
+from kiln_operator import labels
 from kiln_operator.builders import trainingjob as b
 from kiln_operator.controller import material
+from kiln_operator.lifecycle import pods as podstate
 from kiln_operator.lifecycle import trainingjob as life
+from kiln_operator.status import rfc3339
 
 NOW = 1_800_000_000.0
-T = life.fmt_time
+T = rfc3339
 
 
 def tj(**spec):
@@ -24,14 +27,14 @@ def tj(**spec):
 
 
 def job(attempt, *, ledger=None, conditions=(), suspend=False, created=NOW - 100, start=None, annotations=None):
-    ann = {b.LEDGER_ANNOTATION: (ledger or life.Ledger()).dump(), **(annotations or {})}
+    ann = {labels.LEDGER: (ledger or life.Ledger()).dump(), **(annotations or {})}
     status = {"conditions": [{"type": t, "status": "True", **extra} for t, extra in conditions]}
     if start is not None:
         status["startTime"] = T(start)
     return {
         "metadata": {
             "name": b.job_name("run", attempt),
-            "labels": b.labels("run", attempt),
+            "labels": b.child_labels("run", attempt),
             "annotations": ann,
             "creationTimestamp": T(created),
         },
@@ -58,7 +61,7 @@ def pod(attempt, index, phase, *, started=NOW - 50, terminated=None, waiting=Non
     return {
         "metadata": {
             "name": f"{b.job_name('run', attempt)}-{index}-x",
-            "labels": b.labels("run", attempt),
+            "labels": b.child_labels("run", attempt),
             "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
         },
         "status": status,
@@ -79,7 +82,7 @@ def test_a_new_trainingjob_gets_its_service_and_first_attempt():
     assert plan.status["attempt"] == 1
     assert plan.status["observedGeneration"] == 3
     assert cond(plan.status, "Reconciling")["status"] == "True"
-    assert json.loads(plan.create[-1]["metadata"]["annotations"][b.LEDGER_ANNOTATION]) == {}
+    assert json.loads(plan.create[-1]["metadata"]["annotations"][labels.LEDGER]) == {}
 
 
 @pytest.mark.parametrize(
@@ -171,11 +174,11 @@ def test_a_failed_rank_replaces_the_whole_group_and_passes_the_resume_point():
     assert plan.status["restarts"] == {"infrastructure": 1, "user": 0}
     assert plan.status["failure"]["class"] == "Infrastructure"
     assert "rendezvous timed out" in plan.status["failure"]["message"]
-    assert plan.delete_jobs == ["run-1"]
+    assert plan.deleted("Job") == ["run-1"]
     new = plan.create[-1]
     assert new["metadata"]["name"] == "run-2"
     assert new["metadata"]["annotations"]["kiln.dev/resume-from"] == "s3://c/run/step-00000100"
-    ledger = life.Ledger.load(new["metadata"]["annotations"][b.LEDGER_ANNOTATION])
+    ledger = life.Ledger.load(new["metadata"]["annotations"][labels.LEDGER])
     assert (ledger.infrastructure, ledger.user, ledger.preemptions) == (1, 0, 0)
     assert ledger.previous["class"] == "Infrastructure"
 
@@ -202,7 +205,9 @@ def test_a_failed_rank_replaces_the_whole_group_and_passes_the_resume_point():
 )
 def test_failure_classes(pod_status, cls, reason):
     p = pod(1, 0, "Failed", terminated=pod_status.get("terminated"), conditions=pod_status.get("conditions", ()))
-    failure = life.classify(job(1), [p], {"resources": {"memory": "8Gi"}})
+    failure = podstate.classify(
+        job(1), [p], container=b.CONTAINER, oom_hint=life.oom_hint({"resources": {"memory": "8Gi"}})
+    )
     assert (failure.cls, failure.reason) == (cls, reason)
     if cls == "OutOfMemory":
         assert "raise resources.memory (now 8Gi)" in failure.message
@@ -257,7 +262,7 @@ def test_unschedulable_is_pending_with_the_scheduler_message_then_the_startup_de
     late = life.decide(body, [job(1, created=NOW - 301)], [unscheduled], None, NOW)
     assert late.status["phase"] == "Failed"
     assert late.status["failure"]["reason"] == "StartupDeadlineExceeded"
-    assert late.delete_jobs == ["run-1"]
+    assert late.deleted("Job") == ["run-1"]
 
 
 def test_an_image_that_cannot_be_pulled_is_the_pending_reason():
@@ -288,16 +293,15 @@ def test_a_silent_trainer_misses_the_progress_deadline():
 
 def test_suspend_is_mirrored_but_kueue_suspension_is_left_to_kueue():
     plan = life.decide(tj(suspend=True, status={"phase": "Running"}), [job(1)], [pod(1, 0, "Running")], None, NOW)
-    assert plan.patch_job == (
-        "run-1",
-        {"metadata": {"annotations": {b.SUSPENDED_BY_KILN: "true"}}, "spec": {"suspend": True}},
-    )
-    ours = job(1, suspend=True, annotations={b.SUSPENDED_BY_KILN: "true"})
+    assert plan.patched("Job") == [
+        ("run-1", {"metadata": {"annotations": {labels.SUSPENDED_BY_KILN: "true"}}, "spec": {"suspend": True}})
+    ]
+    ours = job(1, suspend=True, annotations={labels.SUSPENDED_BY_KILN: "true"})
     queued = tj(scheduling={"queueName": "gpus"})
     plan = life.decide(queued, [ours], [], None, NOW)
-    assert plan.patch_job[1]["spec"] == {"suspend": False}
+    assert plan.patched("Job")[0][1]["spec"] == {"suspend": False}
     plan = life.decide(queued, [job(1, suspend=True)], [], None, NOW)
-    assert plan.patch_job is None
+    assert plan.patched("Job") == []
     assert plan.status["phase"] == "Pending"
     assert cond(plan.status, "Ready")["reason"] == "WaitingForQuota"
 
@@ -306,8 +310,8 @@ def test_a_finished_job_cleans_up_its_children_after_the_ttl_and_itself_after_it
     done = {"phase": "Succeeded", "completionTime": T(NOW - 100), "conditions": []}
     body = tj(status=done, runPolicy={"childrenTtlSecondsAfterFinished": 60, "ttlSecondsAfterFinished": 500})
     plan = life.decide(body, [job(1)], [], None, NOW)
-    assert plan.delete_jobs == ["run-1"]
-    assert plan.delete_service
+    assert plan.deleted("Job") == ["run-1"]
+    assert plan.deleted("Service") == ["run-svc"]
     assert not plan.delete_self
     assert plan.requeue_after == pytest.approx(400)
     assert not plan.create
@@ -323,7 +327,7 @@ def test_the_ledger_comes_from_the_newest_job_not_from_a_stale_status():
         stale, [job(1, conditions=[("Failed", {})]), job(2, ledger=life.Ledger(infrastructure=1))], [failed], None, NOW
     )
     assert not plan.create
-    assert plan.delete_jobs == ["run-1"]
+    assert plan.deleted("Job") == ["run-1"]
     assert plan.status["attempt"] == 2
     assert plan.status["restarts"]["infrastructure"] == 1
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import bin_dir
+from support.cluster import bin_dir
 
 from kiln_operator import resources
 from kiln_operator.__main__ import parse
@@ -190,7 +190,7 @@ def test_the_default_install_watches_every_namespace():
 def test_the_user_matches_the_image():
     dockerfile = (REPO / "images/operator/Dockerfile").read_text()
     assert "USER 65532:65532" in dockerfile
-    assert 'ENTRYPOINT ["kiln-operator"]' in dockerfile
+    assert 'ENTRYPOINT ["python", "-m", "kiln_operator"]' in dockerfile
 
 
 def test_namespaced_component_moves_the_namespaced_grants_into_a_role(tmp_path):

@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
+from support.server import counter
+
 from kiln_server.batcher import Batcher
 from kiln_server.metrics import Metrics
-from server_support import counter
 
 
 class GatedModel:

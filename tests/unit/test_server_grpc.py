@@ -20,15 +20,17 @@ import pytest
 import tritonclient.grpc as tg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kiln_server.errors import BadRequest
-from kiln_server.grpc_service import _decode, encode_response, parse_request
-from kiln_server.proto import open_inference_pb2 as pb
-from kiln_server.protocol import OutputTensor
-from server_support import SENTENCES, ServerProcess, counter, image_artifact, run_server, wait_in_flight
+from support.server import SENTENCES, ServerProcess, counter, image_artifact, run_server, wait_in_flight
+from support.waiting import wait_for
 from tritonclient.grpc import service_pb2
 from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
-from waiting import wait_for
+
+from kiln_artifacts.contract import ExitCode
+from kiln_server.errors import BadRequest
+from kiln_server.grpc_service import decode_message, encode_response, parse_request
+from kiln_server.proto import open_inference_pb2 as pb
+from kiln_server.protocol import OutputTensor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +41,7 @@ def test_generated_module_matches_the_proto(tmp_path: Path):
         check=True,
         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
     )
-    proto = REPO / "operator/kiln_server/proto"
+    proto = REPO / "images/server/kiln_server/proto"
     for name in ("open_inference_pb2.py", "open_inference_pb2.pyi"):
         assert filecmp.cmp(tmp_path / name, proto / name, shallow=False), f"{name} is stale: run hack/gen-proto.sh"
 
@@ -60,7 +62,7 @@ def _triton_request(inputs: list[tg.InferInput], **kw: object) -> pb.ModelInferR
         timeout=kw.get("timeout"),
         parameters=None,
     )
-    return _decode(pb.ModelInferRequest, req.SerializeToString())
+    return decode_message(pb.ModelInferRequest, req.SerializeToString())
 
 
 def test_tritonclient_requests_parse_raw_and_typed():
@@ -150,7 +152,7 @@ def test_bad_parameters_and_outputs():
     with pytest.raises(BadRequest, match="has contents, but the request sends raw_input_contents"):
         parse_request(both)
     with pytest.raises(BadRequest, match="not a valid ModelInferRequest message"):
-        _decode(pb.ModelInferRequest, b"\x0a\xff\xff")
+        decode_message(pb.ModelInferRequest, b"\x0a\xff\xff")
 
 
 def test_responses_decode_with_tritonclient():
@@ -167,7 +169,7 @@ def test_responses_decode_with_tritonclient():
 @given(st.binary(max_size=400))
 def test_fuzz_arbitrary_bytes(raw: bytes):
     with contextlib.suppress(BadRequest):  # anything else (another exception) fails the test
-        parse_request(_decode(pb.ModelInferRequest, raw))
+        parse_request(decode_message(pb.ModelInferRequest, raw))
 
 
 # --------------------------------------------------------------------------------------------------- servers
@@ -386,7 +388,7 @@ def test_grpc_port_in_use_refuses_to_start_and_off_serves_rest_only(tmp_path: Pa
         s.listen()
         port = s.getsockname()[1]
         code, log, term = run_server(tmp_path, uri, "--grpc-port", str(port))
-    assert code == 6, log
+    assert code == ExitCode.PORT, log
     assert f"cannot listen on 127.0.0.1:{port} (gRPC)" in term
     server = ServerProcess(tmp_path, uri, "--grpc-port", "off").start()
     try:

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
-from server_support import (
+from support.server import (
     SENTENCES,
     TEXT_MAX_LEN,
     ServerProcess,

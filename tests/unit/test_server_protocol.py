@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.server import image_artifact, text_artifact
+from tritonclient.http import InferInput, InferRequestedOutput, InferResult
+from tritonclient.http._utils import _get_inference_request
+
 from kiln_server.config import Config, UsageError, parse_config
 from kiln_server.errors import BadRequest
 from kiln_server.model import Model
 from kiln_server.protocol import OutputTensor, encode_response, parse_infer_request
-from server_support import image_artifact, text_artifact
-from tritonclient.http import InferInput, InferRequestedOutput, InferResult
-from tritonclient.http._utils import _get_inference_request
 
 
 def _tensor(name: str, datatype: str, shape: list[int], data: object) -> dict[str, object]:
@@ -247,7 +248,7 @@ def test_config_flags_env_and_errors():
 
 
 def test_every_flag_is_documented():
-    readme = (Path(__file__).resolve().parents[2] / "images/server/README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs/server.md").read_text()
     from kiln_server.config import OPTIONS
 
     for name, (env, _parse, _help) in OPTIONS.items():

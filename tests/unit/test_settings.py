@@ -2,14 +2,14 @@
 
 import kopf
 
-from kiln_operator import settings
+from kiln_operator import startup
 
 
 def test_login_uses_kubeconfig_when_one_is_given(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
     monkeypatch.setattr(kopf, "login_with_kubeconfig", lambda **_: "from-kubeconfig")
     monkeypatch.setattr(kopf, "login_with_service_account", lambda **_: "from-service-account")
-    assert settings.login(settings=kopf.OperatorSettings()) == "from-kubeconfig"
+    assert startup.login(settings=kopf.OperatorSettings()) == "from-kubeconfig"
 
 
 def test_login_falls_back_to_the_service_account_in_a_pod(monkeypatch, tmp_path):
@@ -17,12 +17,12 @@ def test_login_falls_back_to_the_service_account_in_a_pod(monkeypatch, tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config there
     monkeypatch.setattr(kopf, "login_with_kubeconfig", lambda **_: "from-kubeconfig")
     monkeypatch.setattr(kopf, "login_with_service_account", lambda **_: "from-service-account")
-    assert settings.login(settings=kopf.OperatorSettings()) == "from-service-account"
+    assert startup.login(settings=kopf.OperatorSettings()) == "from-service-account"
 
 
 def test_no_handler_needs_the_diff_base_that_kiln_does_not_build():
     """NoDiffBase skips kopf's per-event deep copy; an on.create/update/field handler would need it."""
-    import kiln_operator.handlers  # noqa: F401 - registers every handler
+    import kiln_operator.startup  # noqa: F401 - registers every handler
 
     registry = kopf.get_default_registry()
     assert registry._changing.get_all_handlers() == []

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import kiln_artifacts as ka
 import pytest
+
+import kiln_artifacts as ka
 
 pytest.importorskip("torch")
 
 from kiln_artifacts import samples
+from kiln_artifacts.contract import ExitCode, UserError
 from kiln_trainer.config import parse_config
 from kiln_trainer.loop import main
-from kiln_trainer.report import ExitCode, UserError
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,7 @@ def test_spec_from_env_uses_the_trainingjob_names() -> None:
 
 def test_failure_classes() -> None:
     import torch
+
     from kiln_trainer.loop import classify
 
     assert classify(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == ExitCode.OUT_OF_MEMORY
@@ -162,9 +164,8 @@ def test_dockerfile_matches_the_program() -> None:
     text = (repo / "images/trainer/Dockerfile").read_text()
     assert 'pip install --no-cache-dir ".[trainer]"' in text
     assert 'ENTRYPOINT ["python", "-m", "kiln_trainer"]' in text
-    assert (repo / "operator/kiln_trainer/__main__.py").is_file()
-    assert "COPY images/trainer/train.py /app/train.py" in text
-    assert (repo / "images/trainer/train.py").is_file()
+    assert (repo / "images/trainer/kiln_trainer/__main__.py").is_file()
+    assert "COPY images/trainer/kiln_trainer ./images/trainer/kiln_trainer" in text
     users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert users == ["65532:65532"]  # non-root in the final stage
 
@@ -174,7 +175,7 @@ def test_an_input_published_while_the_trainer_waits_is_used(tmp_path: Path, digi
     to inputWaitSeconds) and trains on it; without the wait, or past it, the absent input is a user error."""
     import threading
 
-    from kiln_trainer import data
+    from kiln_artifacts import datasets as data
 
     late = f"file://{tmp_path}/late"
     publisher = threading.Timer(1.0, samples.publish_dataset, ("digits", late))
@@ -192,8 +193,9 @@ def test_an_input_published_while_the_trainer_waits_is_used(tmp_path: Path, digi
 
 
 def test_the_step_is_reported_even_when_checkpoints_come_more_often_than_reports(tmp_path: Path) -> None:
+    from support.waiting import wait_for
+
     from kiln_trainer.report import ProgressReporter
-    from waiting import wait_for
 
     path = tmp_path / "progress.json"
     reporter = ProgressReporter(path, 100, interval=0.2)

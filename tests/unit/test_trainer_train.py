@@ -13,13 +13,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from support.trainer import load_weights, run_trainer, train_cmd, trainer_env  # noqa: E402
+from support.waiting import wait_for  # noqa: E402
+
 import kiln_artifacts as ka  # noqa: E402
 from kiln_artifacts import samples  # noqa: E402
-from kiln_trainer.report import ExitCode  # noqa: E402
-from trainer_support import load_weights, run_trainer, train_cmd, trainer_env  # noqa: E402
-from waiting import wait_for  # noqa: E402
-
-from kiln_operator.handlers.trainingjob import parse_progress_log  # noqa: E402
+from kiln_artifacts.contract import ExitCode, parse_progress_log  # noqa: E402
 
 COMMON = ["--learning-rate", "0.003", "--batch-size", "16", "--seed", "7", "--precision", "fp32"]
 

@@ -97,7 +97,7 @@ SPEC = obj(
                 ),
                 "instances": integer(
                     "Batches run at the same time. On CPU, one per core with intraOpThreads 1 serves bursts best "
-                    "(images/server/README.md, Dynamic batching).",
+                    "(docs/server.md, Dynamic batching).",
                     minimum=1,
                     maximum=64,
                     default=1,

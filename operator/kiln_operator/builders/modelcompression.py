@@ -9,16 +9,20 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kiln_artifacts.k8s import pvc_volume
-from kiln_artifacts.uri import parse_uri
-
-from kiln_operator.builders.trainingjob import CONTAINER_SECURITY, POD_SECURITY, container_resources, merge, placement
+from kiln_operator import labels
+from kiln_operator.builders.pods import (
+    CONTAINER_SECURITY,
+    POD_SECURITY,
+    TMP_MOUNT,
+    TMP_VOLUME,
+    container_resources,
+    merge,
+    placement,
+    pvc_mounts,
+)
 
 Obj = dict[str, Any]
 CONTAINER = "compressor"
-MC_LABEL = "kiln.dev/modelcompression"
-SOURCE_LABEL = "kiln.dev/source"
-ATTEMPT_LABEL = "kiln.dev/attempt"
 
 
 def source_key(uri: str, digest: str | None) -> str:
@@ -35,19 +39,12 @@ def job_name(mc: str, key: str, attempt: int) -> str:
     return f"{mc}-{key}-{attempt}"
 
 
-def labels(mc: str, key: str | None = None, attempt: int | None = None) -> dict[str, str]:
-    out = {
-        "app.kubernetes.io/name": "kiln-compressor",
-        "app.kubernetes.io/instance": mc,
-        "app.kubernetes.io/component": "compression",
-        "app.kubernetes.io/part-of": "kiln",
-        "app.kubernetes.io/managed-by": "kiln-operator",
-        MC_LABEL: mc,
-    }
+def child_labels(mc: str, key: str | None = None, attempt: int | None = None) -> dict[str, str]:
+    out = {**labels.recommended("kiln-compressor", mc, "compression"), labels.MODELCOMPRESSION: mc}
     if key is not None:
-        out[SOURCE_LABEL] = key
+        out[labels.SOURCE] = key
     if attempt is not None:
-        out[ATTEMPT_LABEL] = str(attempt)
+        out[labels.ATTEMPT] = str(attempt)
     return out
 
 
@@ -64,23 +61,6 @@ def _uris(node: Any, path: str = "spec") -> list[tuple[str, str]]:
         for i, v in enumerate(node):
             found += _uris(v, f"{path}[{i}]")
     return found
-
-
-def _pvc(spec: Mapping[str, Any], output: str) -> tuple[list[Obj], list[Obj], list[Obj]]:
-    found: dict[str, Obj] = {}
-    for field, uri, read_only in [*((f, u, True) for f, u in _uris(spec)), ("output", output, False)]:
-        if parse_uri(uri, field=field).scheme != "pvc":
-            continue
-        pv = pvc_volume(uri, read_only=read_only, field=field)
-        prev = found.get(pv["volume"]["name"])
-        if prev is None or (prev["volumeMount"]["readOnly"] and not read_only):
-            found[pv["volume"]["name"]] = pv
-    ordered = [found[k] for k in sorted(found)]
-    return (
-        [pv["volume"] for pv in ordered],
-        [pv["volumeMount"] for pv in ordered],
-        ordered[0]["env"] if ordered else [],
-    )
 
 
 def compressor_job(
@@ -102,7 +82,7 @@ def compressor_job(
     key = source_key(source["uri"], source.get("digest"))
     resolved = copy.deepcopy(dict(spec))
     resolved["source"] = {k: v for k, v in (("uri", source["uri"]), ("digest", source.get("digest"))) if v}
-    volumes, mounts, pvc_env = _pvc(resolved, output_uri)
+    volumes, mounts, pvc_env = pvc_mounts([*((f, u, True) for f, u in _uris(resolved)), ("output", output_uri, False)])
     kiln_env: list[Obj] = [
         {"name": "KILN_COMPRESSION_SPEC", "value": json.dumps(resolved, sort_keys=True, separators=(",", ":"))},
         {"name": "KILN_OUTPUT_URI", "value": output_uri},
@@ -110,7 +90,7 @@ def compressor_job(
         {"name": "KILN_JOB_NAME", "value": mc},
         {"name": "KILN_JOB_UID", "value": meta.get("uid", "")},
         {"name": "KILN_IMAGE", "value": image},
-        *copy.deepcopy(list(pvc_env)),
+        *pvc_env,
     ]
     names = {e["name"] for e in kiln_env}
     user_env = merge([copy.deepcopy(dict(e)) for e in artifact_env], copy.deepcopy(spec.get("env") or []))
@@ -121,7 +101,7 @@ def compressor_job(
         "command": ["python", "-m", "kiln_compressor"],
         "env": [e for e in user_env if e["name"] not in names] + kiln_env,
         "resources": container_resources(spec),
-        "volumeMounts": [*mounts, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [*mounts, TMP_MOUNT],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
@@ -131,10 +111,10 @@ def compressor_job(
         "enableServiceLinks": False,
         "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],
-        "volumes": [*volumes, {"name": "tmp", "emptyDir": {}}],
+        "volumes": [*volumes, TMP_VOLUME],
     }
     pod_spec.update(placement(spec))
-    pod_labels = labels(mc, key, attempt)
+    pod_labels = child_labels(mc, key, attempt)
     pod_meta: Obj = {"labels": dict(pod_labels)}
     override = spec.get("podTemplate") or {}
     if override:
@@ -148,10 +128,10 @@ def compressor_job(
             pod_spec["containers"].insert(0, ours)
         ours.update(image=image, command=list(container["command"]))
         ours["env"] = [e for e in ours.get("env") or [] if e.get("name") not in names] + copy.deepcopy(kiln_env)
-    job_labels = labels(mc, key, attempt)
+    job_labels = child_labels(mc, key, attempt)
     queue = scheduling.get("queueName")
     if queue:
-        job_labels["kueue.x-k8s.io/queue-name"] = queue
+        job_labels[labels.QUEUE] = queue
     return copy.deepcopy(
         {
             "apiVersion": "batch/v1",

@@ -15,17 +15,18 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kiln_artifacts.k8s import pvc_volume
-from kiln_artifacts.uri import parse_uri
-
-from kiln_operator.builders import quantity
-from kiln_operator.builders.trainingjob import (
+from kiln_operator import labels
+from kiln_operator.builders.pods import (
     CONTAINER_SECURITY,
     POD_SECURITY,
+    TMP_MOUNT,
+    TMP_VOLUME,
     container_resources,
     dns_label,
     merge,
     placement,
+    pvc_mounts,
+    quantity,
 )
 from kiln_operator.resources import MODEL_DEPLOYMENT
 
@@ -34,20 +35,9 @@ CONTAINER = "server"
 HTTP_PORT = 8080
 GRPC_PORT = 8081
 METRICS_PORT = 9090
-MD_LABEL = "kiln.dev/modeldeployment"
-REVISION_LABEL = "kiln.dev/revision"
-# On each revision's Deployment, so the children carry the rollout state (an operator restarted at any line, or a
-# lost status write, recomputes the same): its number, artifact, role and canary progress.
-NUMBER_ANNOTATION = "kiln.dev/revision-number"
-URI_ANNOTATION = "kiln.dev/artifact-uri"
-DIGEST_ANNOTATION = "kiln.dev/artifact-digest"
-ROLE_ANNOTATION = "kiln.dev/role"  # stable | candidate
-STEP_ANNOTATION = "kiln.dev/canary-step"
-STEP_STARTED_ANNOTATION = "kiln.dev/step-started"  # epoch seconds the step's replicas were all ready
-CREATED_ANNOTATION = "kiln.dev/created"  # epoch seconds (progress deadline)
-TEMPLATE_ANNOTATION = "kiln.dev/template-hash"  # what the pod template was built from (drift -> patch)
 PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
-# Pods metric names the custom metrics API serves (Prometheus Adapter rules in the README) per autoscaling.metric.
+# Pods metric names the custom metrics API serves per autoscaling.metric (Prometheus Adapter rules:
+# docs/modeldeployment.md).
 POD_METRICS = {
     "InFlightRequests": "kiln_server_inflight_requests",
     "QueueTimeMs": "kiln_server_queue_time_ms",
@@ -71,20 +61,13 @@ def deployment_name(md: str, key: str) -> str:
 
 def selector(md: str) -> dict[str, str]:
     """Every serving pod of the ModelDeployment, all revisions: the Service's, the PDB's and the scale selector."""
-    return {MD_LABEL: base(md)}
+    return {labels.MODELDEPLOYMENT: base(md)}
 
 
-def labels(md: str, key: str | None = None) -> dict[str, str]:
-    out = {
-        "app.kubernetes.io/name": "kiln-server",
-        "app.kubernetes.io/instance": md,
-        "app.kubernetes.io/component": "serving",
-        "app.kubernetes.io/part-of": "kiln",
-        "app.kubernetes.io/managed-by": "kiln-operator",
-        **selector(md),
-    }
+def child_labels(md: str, key: str | None = None) -> dict[str, str]:
+    out = {**labels.recommended("kiln-server", md, "serving"), **selector(md)}
     if key is not None:
-        out[REVISION_LABEL] = key
+        out[labels.REVISION] = key
     return out
 
 
@@ -161,15 +144,12 @@ def deployment(
     if not image:
         raise ValueError("spec.runtime.image is empty and no default image is configured")
     name = meta["name"]
-    pvc_volumes, pvc_mounted, pvc_env = [], [], []
-    if parse_uri(uri, field="source.uri").scheme == "pvc":
-        pv = pvc_volume(uri, read_only=True, field="source.uri")
-        pvc_volumes, pvc_mounted, pvc_env = [pv["volume"]], [pv["volumeMount"]], pv["env"]
+    pvc_volumes, pvc_mounted, pvc_env = pvc_mounts([("source.uri", uri, True)])
     kiln_env = _server_env(md, uri, digest) + [dict(e) for e in pvc_env]
     kiln_names = {e["name"] for e in kiln_env}
     user_env = [dict(e) for e in artifact_env]
-    volumes = [*pvc_volumes, {"name": "tmp", "emptyDir": {}}]  # read-only root: TensorRT cache, temp files
-    mounts = [*pvc_mounted, {"name": "tmp", "mountPath": "/tmp"}]
+    volumes = [*pvc_volumes, TMP_VOLUME]  # read-only root: TensorRT cache, temp files
+    mounts = [*pvc_mounted, TMP_MOUNT]
 
     def probe(path: str, period: int, failures: int) -> Obj:
         return {
@@ -208,7 +188,7 @@ def deployment(
         "volumes": volumes,
     }
     pod_spec.update(placement(spec))
-    pod_labels = labels(name, key)
+    pod_labels = child_labels(name, key)
     # A revision's replicas on different nodes where there are several: a node lost takes one replica, not all,
     # and the PodDisruptionBudget means something. Preferred only, so a one-node cluster still schedules them all.
     pod_spec["topologySpreadConstraints"] = [
@@ -216,7 +196,7 @@ def deployment(
             "maxSkew": 1,
             "topologyKey": "kubernetes.io/hostname",
             "whenUnsatisfiable": "ScheduleAnyway",
-            "labelSelector": {"matchLabels": {**selector(name), REVISION_LABEL: key}},
+            "labelSelector": {"matchLabels": {**selector(name), labels.REVISION: key}},
         }
     ]
     pod_meta: Obj = {
@@ -245,15 +225,15 @@ def deployment(
         mnames = {m["name"] for m in mounts}
         server["volumeMounts"] = [m for m in server.get("volumeMounts") or [] if m.get("name") not in mnames] + mounts
     notes = {
-        NUMBER_ANNOTATION: str(number),
-        URI_ANNOTATION: uri,
-        ROLE_ANNOTATION: role,
-        CREATED_ANNOTATION: str(int(created)),
-        TEMPLATE_ANNOTATION: template_hash(md, image_default),
+        labels.REVISION_NUMBER: str(number),
+        labels.ARTIFACT_URI: uri,
+        labels.ROLE: role,
+        labels.CREATED: str(int(created)),
+        labels.TEMPLATE_HASH: template_hash(md, image_default),
         **(annotations or {}),
     }
     if digest:
-        notes[DIGEST_ANNOTATION] = digest
+        notes[labels.ARTIFACT_DIGEST] = digest
     return copy.deepcopy(
         {
             "apiVersion": "apps/v1",
@@ -261,13 +241,13 @@ def deployment(
             "metadata": {
                 "name": deployment_name(name, key),
                 "namespace": meta["namespace"],
-                "labels": labels(name, key),
+                "labels": child_labels(name, key),
                 "annotations": notes,
             },
             "spec": {
                 "replicas": replicas,
                 "revisionHistoryLimit": 2,
-                "selector": {"matchLabels": labels(name, key)},
+                "selector": {"matchLabels": child_labels(name, key)},
                 # Surge first: a template change never takes a ready replica away before its successor is ready.
                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
                 "template": {"metadata": pod_meta, "spec": pod_spec},
@@ -283,7 +263,7 @@ def service(md: Mapping[str, Any]) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": labels(meta["name"])},
+        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": child_labels(meta["name"])},
         "spec": {
             "type": svc.get("type") or "ClusterIP",
             "selector": selector(meta["name"]),
@@ -314,7 +294,7 @@ def pod_disruption_budget(md: Mapping[str, Any]) -> Obj:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": labels(meta["name"])},
+        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": child_labels(meta["name"])},
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(meta["name"])}},
     }
 
@@ -341,7 +321,7 @@ def autoscaler(md: Mapping[str, Any]) -> Obj:
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": labels(meta["name"])},
+        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": child_labels(meta["name"])},
         "spec": {
             "scaleTargetRef": {
                 "apiVersion": MODEL_DEPLOYMENT.api_version,
@@ -383,10 +363,10 @@ def revision_service(md: Mapping[str, Any], key: str) -> Obj:
         "metadata": {
             "name": revision_service_name(meta["name"], key),
             "namespace": meta["namespace"],
-            "labels": labels(meta["name"], key),
+            "labels": child_labels(meta["name"], key),
         },
         "spec": {
-            "selector": {**selector(meta["name"]), REVISION_LABEL: key},
+            "selector": {**selector(meta["name"]), labels.REVISION: key},
             "ports": service_ports(spec),
         },
     }
@@ -401,7 +381,7 @@ def http_route(md: Mapping[str, Any], weights: Sequence[tuple[str, int]]) -> Obj
     route: Obj = {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
-        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": labels(meta["name"])},
+        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": child_labels(meta["name"])},
         "spec": {
             "parentRefs": [
                 {"group": "gateway.networking.k8s.io", "kind": "Gateway", **p} for p in gateway["parentRefs"]

@@ -9,66 +9,35 @@ set the namespace and leave ownerReferences alone.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kiln_artifacts.k8s import pvc_volume
-from kiln_artifacts.uri import parse_uri
-
-from kiln_operator.builders import quantity
+from kiln_operator import labels
+from kiln_operator.builders.pods import (
+    CONTAINER_SECURITY,
+    POD_SECURITY,
+    TMP_MOUNT,
+    TMP_VOLUME,
+    container_resources,
+    dns_label,
+    merge,
+    placement,
+    pvc_mounts,
+    quantity,
+    reassert,
+)
 
 Obj = dict[str, Any]
 
 CONTAINER = "trainer"
 MASTER_PORT = 29500
-GPU = "nvidia.com/gpu"
-COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-TJ_LABEL = "kiln.dev/trainingjob"
-ATTEMPT_LABEL = "kiln.dev/attempt"
-MANAGED_BY = "app.kubernetes.io/managed-by"
-# On each Job: the bookkeeping of all attempts so far (lifecycle.trainingjob.Ledger), so the children are the
-# source of truth and an operator restarted at any line recomputes the same status.
-LEDGER_ANNOTATION = "kiln.dev/ledger"
-# On a Job the operator suspended for spec.suspend (not Kueue): only those does it ever unsuspend.
-SUSPENDED_BY_KILN = "kiln.dev/suspended-by-kiln"
+COMPLETION_INDEX = f"metadata.annotations['{labels.COMPLETION_INDEX}']"
 # The spec fields the trainer reads from KILN_TRAINING_SPEC; it rejects any other top-level field.
 TRAINER_FIELDS = ("model", "dataset", "output", "hyperparameters", "checkpoint", "resume")
 # (field, read-only) of every URI the trainer may open; a pvc:// one needs its claim mounted.
 URI_FIELDS = (("model", True), ("dataset", True), ("resume.fromUri", True), ("output", False), ("checkpoint", False))
 MAX_ATTEMPT = 999_999_999  # 48 (name) + "-" + 9 digits + "-1023" (pod index) = 63, a DNS label
-NONROOT = 65532  # the images' USER
-
-# The hardening every workload pod gets (restricted Pod Security Standard); the images run as NONROOT.
-CONTAINER_SECURITY: Obj = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "capabilities": {"drop": ["ALL"]},
-}
-POD_SECURITY: Obj = {
-    "runAsNonRoot": True,
-    "runAsUser": NONROOT,
-    "runAsGroup": NONROOT,
-    "fsGroup": NONROOT,  # PVCs are writable by the workload
-    "fsGroupChangePolicy": "OnRootMismatch",  # no recursive chown of a large data set on every start
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
-
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
-def dns_label(name: str, prefix: str) -> str:
-    """A DNS-1035 label of at most 48 characters for an object name (a DNS-1123 subdomain, at most 48).
-
-    Service names and pod hostnames must be labels that start with a letter; names that are not get a readable
-    prefix and a hash suffix, so two objects never share children (``a.b`` and ``a-b`` differ)."""
-    if _DNS1035.match(name) and len(name) <= 48:
-        return name
-    safe = re.sub(r"[^a-z0-9-]", "-", name.lower())[:36].strip("-")
-    return f"{prefix}-{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}".replace("--", "-")
 
 
 def _base(tj_name: str) -> str:
@@ -87,17 +56,10 @@ def service_name(tj_name: str) -> str:
     return f"{_base(tj_name)}-svc"
 
 
-def labels(tj_name: str, attempt: int | None = None) -> dict[str, str]:
-    out = {
-        "app.kubernetes.io/name": "kiln-trainer",
-        "app.kubernetes.io/instance": tj_name,
-        "app.kubernetes.io/component": "training",
-        "app.kubernetes.io/part-of": "kiln",
-        "app.kubernetes.io/managed-by": "kiln-operator",
-        TJ_LABEL: tj_name,
-    }
+def child_labels(tj_name: str, attempt: int | None = None) -> dict[str, str]:
+    out = {**labels.recommended("kiln-trainer", tj_name, "training"), labels.TRAININGJOB: tj_name}
     if attempt is not None:
-        out[ATTEMPT_LABEL] = str(attempt)
+        out[labels.ATTEMPT] = str(attempt)
     return out
 
 
@@ -107,12 +69,12 @@ def headless_service(body: Mapping[str, Any]) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": service_name(name), "namespace": namespace, "labels": labels(name)},
+        "metadata": {"name": service_name(name), "namespace": namespace, "labels": child_labels(name)},
         "spec": {
             "clusterIP": "None",
             # Ranks rendezvous before any pod is Ready (there is no readiness probe to pass).
             "publishNotReadyAddresses": True,
-            "selector": {TJ_LABEL: name},
+            "selector": {labels.TRAININGJOB: name},
             "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
         },
     }
@@ -146,28 +108,20 @@ def processes_per_node(spec: Mapping[str, Any]) -> int:
     return int(spec.get("processesPerNode") or (spec.get("resources") or {}).get("gpus") or 1)
 
 
-def pvc_mounts(
-    spec: Mapping[str, Any], fields: Sequence[tuple[str, bool]] = URI_FIELDS
-) -> tuple[list[Obj], list[Obj], list[Obj]]:
-    """Volumes, mounts and env for the pvc:// URIs: each claim once, read-write if any use of it writes."""
-    found: dict[str, Obj] = {}
-    for field, read_only in fields:
+def uri_uses(spec: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """(field, uri, read-only) of every URI the trainer may open."""
+    uses = []
+    for field, read_only in URI_FIELDS:
         value = _get(spec, field)
         uri = value.get("uri") if isinstance(value, Mapping) else value
-        if not uri or parse_uri(uri, field=f"spec.{field}").scheme != "pvc":
-            continue
-        pv = pvc_volume(uri, read_only=read_only, field=f"spec.{field}")
-        prev = found.get(pv["volume"]["name"])
-        if prev is None or (prev["volumeMount"]["readOnly"] and not read_only):
-            found[pv["volume"]["name"]] = pv
-    ordered = [found[k] for k in sorted(found)]
-    env = ordered[0]["env"] if ordered else []
-    return [pv["volume"] for pv in ordered], [pv["volumeMount"] for pv in ordered], env
+        if uri:
+            uses.append((f"spec.{field}", uri, read_only))
+    return uses
 
 
 def _launch(spec: Mapping[str, Any], nodes: int, nproc: int, master: str) -> list[str]:
     """The container command. One process per pod runs the program directly (its exit code is the container's);
-    several run under torchrun, as the trainer's README prescribes. A spec.command replaces the per-process
+    several run under torchrun, as docs/trainer.md prescribes. A spec.command replaces the per-process
     program (under ``torchrun --no-python`` when there are several processes)."""
     program = list(spec.get("command") or ["python", "-m", "kiln_trainer"])
     if nproc == 1:
@@ -187,7 +141,7 @@ def _launch(spec: Mapping[str, Any], nodes: int, nproc: int, master: str) -> lis
 
 
 def _kiln_env(body: Mapping[str, Any], image: str, master: str, pvc_env: Sequence[Obj]) -> list[Obj]:
-    """The env Kiln owns: the trainer contract and the torchrun / PET_* rendezvous (README, Trainer)."""
+    """The env Kiln owns: the trainer contract and the torchrun / PET_* rendezvous (docs/trainer.md)."""
     spec, meta = body["spec"], body["metadata"]
     nodes, nproc = int(spec.get("nodes") or 1), processes_per_node(spec)
     trainer_spec = {k: spec[k] for k in TRAINER_FIELDS if k in spec}
@@ -206,7 +160,7 @@ def _kiln_env(body: Mapping[str, Any], image: str, master: str, pvc_env: Sequenc
         {"name": "NNODES", "value": str(nodes)},
         {"name": "NPROC_PER_NODE", "value": str(nproc)},
         rank("NODE_RANK"),
-        {"name": "WORLD_SIZE", "value": str(nodes * nproc)},  # total processes (trainer README)
+        {"name": "WORLD_SIZE", "value": str(nodes * nproc)},  # total processes (docs/trainer.md)
         {"name": "PET_NNODES", "value": str(nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(nproc)},
         rank("PET_NODE_RANK"),
@@ -227,59 +181,6 @@ def threads_env(spec: Mapping[str, Any], nproc: int) -> list[Obj]:
     if res.get("gpus") or res.get("cpu") is None:
         return []
     return [{"name": "OMP_NUM_THREADS", "value": str(max(1, int(quantity(res["cpu"]) // nproc)))}]
-
-
-def placement(spec: Mapping[str, Any]) -> Obj:
-    """The pod spec fields of spec.scheduling, plus the GPU toleration when GPUs are asked for."""
-    scheduling = spec.get("scheduling") or {}
-    out = {
-        k: copy.deepcopy(scheduling[k]) for k in ("nodeSelector", "affinity", "priorityClassName") if scheduling.get(k)
-    }
-    tolerations = copy.deepcopy(list(scheduling.get("tolerations") or []))
-    gpu = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
-    if (spec.get("resources") or {}).get("gpus") and gpu not in tolerations:
-        tolerations.append(gpu)
-    if tolerations:
-        out["tolerations"] = tolerations
-    return out
-
-
-def container_resources(spec: Mapping[str, Any]) -> Obj:
-    res = spec.get("resources") or {}
-    fixed = {k: res[k] for k in ("cpu", "memory") if res.get(k) is not None}
-    out: Obj = {"requests": dict(fixed), "limits": dict(fixed)} if fixed else {}
-    if res.get("gpus"):
-        # Extended resources are limits only; the request defaults to the limit.
-        out.setdefault("limits", {})[GPU] = res["gpus"]
-    return out
-
-
-def merge(base: Any, override: Any) -> Any:
-    """A small strategic-merge: dicts merge recursively, a None value removes a key, lists whose items all have a
-    ``name`` (containers, volumes, env, volumeMounts) merge by name, other lists are replaced. Never mutates."""
-    if isinstance(base, Mapping) and isinstance(override, Mapping):
-        out = {k: copy.deepcopy(v) for k, v in base.items()}
-        for k, v in override.items():
-            if v is None:
-                out.pop(k, None)
-            else:
-                out[k] = merge(out[k], v) if k in out else copy.deepcopy(v)
-        return out
-    if isinstance(base, list) and isinstance(override, list) and _named(base) and _named(override):
-        by_name = {item["name"]: item for item in override}
-        out_list = [merge(item, by_name.pop(item["name"])) if item["name"] in by_name else item for item in base]
-        return copy.deepcopy(out_list) + [copy.deepcopy(item) for item in override if item["name"] in by_name]
-    return copy.deepcopy(override)
-
-
-def _named(items: list[Any]) -> bool:
-    return all(isinstance(i, Mapping) and "name" in i for i in items)
-
-
-def _reassert(items: list[Obj], owned: Sequence[Obj]) -> list[Obj]:
-    """Drop the merged items that carry an owned name, then append the owned ones as built."""
-    names = {o["name"] for o in owned}
-    return [i for i in items if i.get("name") not in names] + copy.deepcopy(list(owned))
 
 
 def indexed_job(
@@ -308,13 +209,13 @@ def indexed_job(
     master = f"{name}-0.{service_name(tj)}" if nodes > 1 else "127.0.0.1"
     scheduling = spec.get("scheduling") or {}
 
-    pvc_volumes, pvc_mounted, pvc_env = pvc_mounts(spec)
+    pvc_volumes, pvc_mounted, pvc_env = pvc_mounts(uri_uses(spec))
     volumes = [
         *pvc_volumes,
-        {"name": "tmp", "emptyDir": {}},  # the root filesystem is read-only; HOME, TMPDIR and caches live here
+        TMP_VOLUME,
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # DataLoader workers and NCCL need a large /dev/shm
     ]
-    mounts = [*pvc_mounted, {"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    mounts = [*pvc_mounted, TMP_MOUNT, {"name": "dshm", "mountPath": "/dev/shm"}]
     kiln_env = _kiln_env(body, image, master, pvc_env)
     kiln_names = {e["name"] for e in kiln_env}
     user_env = merge(
@@ -342,14 +243,14 @@ def indexed_job(
         "restartPolicy": "Never",
         "subdomain": service_name(tj),
         "enableServiceLinks": False,  # no env var per Service in the namespace (it can be thousands)
-        # The trainer checkpoints on SIGTERM: one step plus one checkpoint write must fit (README, Trainer).
+        # The trainer checkpoints on SIGTERM: one step plus one checkpoint write must fit (docs/trainer.md).
         "terminationGracePeriodSeconds": 300,
         "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],
         "volumes": volumes,
     }
     pod_spec.update(placement(spec))
-    pod_labels = labels(tj, attempt)
+    pod_labels = child_labels(tj, attempt)
     pod_meta: Obj = {"labels": dict(pod_labels)}
 
     override = spec.get("podTemplate") or {}
@@ -359,22 +260,22 @@ def indexed_job(
         pod_spec = merge(pod_spec, override.get("spec") or {})
         # Re-assert what Kiln owns: restart semantics, DNS, the trainer's launch, env and artifact volumes.
         pod_spec.update(restartPolicy="Never", subdomain=service_name(tj))
-        pod_spec["volumes"] = _reassert(pod_spec.get("volumes") or [], volumes)
+        pod_spec["volumes"] = reassert(pod_spec.get("volumes") or [], volumes)
         trainer = next((c for c in pod_spec["containers"] if c.get("name") == CONTAINER), None)
         if trainer is None:  # a containers list without names replaced ours: put the trainer back first
             trainer = copy.deepcopy(container)
             pod_spec["containers"].insert(0, trainer)
         trainer.update(image=image, command=list(command), args=list(args))
-        trainer["env"] = _reassert(trainer.get("env") or [], kiln_env)
-        trainer["volumeMounts"] = _reassert(trainer.get("volumeMounts") or [], mounts)
+        trainer["env"] = reassert(trainer.get("env") or [], kiln_env)
+        trainer["volumeMounts"] = reassert(trainer.get("volumeMounts") or [], mounts)
 
-    job_labels = labels(tj, attempt)
+    job_labels = child_labels(tj, attempt)
     queue = scheduling.get("queueName")
     if queue:
-        job_labels[QUEUE_LABEL] = queue
+        job_labels[labels.QUEUE] = queue
     job_annotations = dict(annotations or {})
     if spec.get("suspend"):
-        job_annotations[SUSPENDED_BY_KILN] = "true"
+        job_annotations[labels.SUSPENDED_BY_KILN] = "true"
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -6,27 +6,20 @@ promotion (``plan.promote``: a registry write it records into status.promoted).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kiln_artifacts.contract import GATE_REASONS
+from kiln_operator import labels
 from kiln_operator.builders import modelcompression as b
-from kiln_operator.conditions import Condition, set_condition
-from kiln_operator.lifecycle.plan import Plan
-from kiln_operator.lifecycle.trainingjob import _job_condition_true, _message_json, _terminated, classify, fmt_time
+from kiln_operator.lifecycle.plan import Plan, job
+from kiln_operator.lifecycle.pods import attempt_of, classify, condition_true, deleting, report
+from kiln_operator.status import Condition, kstatus, merge_conditions, rfc3339
 
 Obj = dict[str, Any]
 MAX_INFRA_ATTEMPTS = 3
 HISTORY = 20
-GATE_REASONS = {
-    "maxAccuracyDrop": "AccuracyDropTooLarge",
-    "minAgreement": "AgreementTooLow",
-    "maxP95LatencyMs": "LatencyTooHigh",
-    "minSpeedup": "SpeedupTooSmall",
-    "maxSizeBytes": "ArtifactTooLarge",
-    "placement": "CPUFallback",  # a GPU candidate with heavy nodes left on the CPU provider
-}
 REPORT_KEYS = (
     "source",
     "candidate",
@@ -82,13 +75,6 @@ def resolve_source(spec: Mapping[str, Any], tj: Mapping[str, Any] | None) -> tup
     return found, "SourceReady", f"{found['uri']} ({found.get('digest') or 'digest unknown'})"
 
 
-def _attempt(job: Mapping[str, Any]) -> int:
-    try:
-        return int(job["metadata"].get("labels", {}).get(b.ATTEMPT_LABEL, 0))
-    except ValueError:
-        return 0
-
-
 def decide(
     mc: Mapping[str, Any],
     source_tj: Mapping[str, Any] | None,
@@ -97,6 +83,11 @@ def decide(
     now: float,
     config: Config = Config(),
 ) -> Plan:
+    """One reconcile pass of a ModelCompression, from its source (``source_tj``: the TrainingJob it follows, or
+    None for a URI source), its compressor ``jobs`` and their ``pods``. Decides whether the source is ready, which
+    Job compresses the current source artifact (a new artifact means a new Job; an infrastructure failure or a
+    preemption another attempt), and, from the compressor's report in the termination message, the gates'
+    verdict and the promotion (``plan.promote``, which the handler records in the registry)."""
     meta, spec = mc["metadata"], mc.get("spec") or {}
     old: Obj = dict(mc.get("status") or {})
     status: Obj = {k: v for k, v in old.items() if k != "conditions"}
@@ -112,7 +103,7 @@ def decide(
             *_summary(reason, message, reconciling=not stalled, stalled=stalled),
         ]
         status["phase"] = "Failed" if stalled else "Pending"
-        return _finish(plan, old, conds)
+        return _finish(plan, old, conds, now)
     conds.append(Condition("SourceReady", "True", "SourceReady", message))
     key = b.source_key(source["uri"], source.get("digest"))
     previous = old.get("sourceArtifact") or {}
@@ -122,7 +113,7 @@ def decide(
             "sourceDigest": previous.get("digest") or "",
             "candidateDigest": (old.get("candidate") or {}).get("digest") or "",
             "outcome": old.get("phase") or "",
-            "time": fmt_time(now),
+            "time": rfc3339(now),
         }
         status["history"] = ([entry, *list(old.get("history") or [])])[:HISTORY]
         for stale in ("report", "candidate", "failure"):
@@ -137,46 +128,44 @@ def decide(
         )
         if v
     }
-    mine = [j for j in jobs if j["metadata"].get("labels", {}).get(b.SOURCE_LABEL) == key]
-    plan.delete_jobs = [
-        j["metadata"]["name"] for j in jobs if j not in mine and not j["metadata"].get("deletionTimestamp")
-    ]
-    current = max(mine, key=_attempt, default=None)
+    mine = [j for j in jobs if j["metadata"].get("labels", {}).get(labels.SOURCE) == key]
+    plan.delete = [job(j["metadata"]["name"]) for j in jobs if j not in mine and not deleting(j)]
+    current = max(mine, key=attempt_of, default=None)
     out = output_uri(mc, key, config)
     if out is None:
         msg = "the operator has no artifact store (KILN_ARTIFACT_ROOT) to publish the candidate to"
         conds += _summary("NoArtifactStore", msg, stalled=True)
         status["phase"] = "Failed"
-        return _finish(plan, old, conds)
+        return _finish(plan, old, conds, now)
 
     if current is None:
         if old.get("phase") in ("Promoted", "Rejected", "AwaitingApproval") and "candidate" in status:
-            return _outcome(plan, old, conds, spec, meta, status, config)  # Jobs gone (TTL); the result stands
+            return _outcome(plan, old, conds, spec, meta, status, config, now)  # Jobs gone (TTL); the result stands
         plan.create = [
             b.compressor_job(mc, source, 1, out, image_default=config.image_default, artifact_env=config.artifact_env)
         ]
-        return _running(plan, old, conds, status, "Compressing", f"compressing {source['uri']} (attempt 1)")
+        return _running(plan, old, conds, status, "Compressing", f"compressing {source['uri']} (attempt 1)", now)
 
-    attempt = _attempt(current)
-    cpods = [p for p in pods if p["metadata"].get("labels", {}).get(b.ATTEMPT_LABEL) == str(attempt)
-             and p["metadata"].get("labels", {}).get(b.SOURCE_LABEL) == key]  # fmt: skip
+    attempt = attempt_of(current)
+    cpods = [p for p in pods if p["metadata"].get("labels", {}).get(labels.ATTEMPT) == str(attempt)
+             and p["metadata"].get("labels", {}).get(labels.SOURCE) == key]  # fmt: skip
     done = [p for p in cpods if (p.get("status") or {}).get("phase") == "Succeeded"]
-    if _job_condition_true(current, "Complete") or done:
-        report = _message_json(_terminated(done[0])) if done else None
-        if not report or not isinstance(report.get("artifact"), Mapping):
+    if condition_true(current, "Complete") or done:
+        said = report(done[0], b.CONTAINER) if done else None
+        if not said or not isinstance(said.get("artifact"), Mapping):
             status["failure"] = {
                 "class": "Unknown",
                 "reason": "NoReport",
                 "message": "the compressor succeeded without a report in its termination message",
-                "time": fmt_time(now),
+                "time": rfc3339(now),
             }
             msg = status["failure"]["message"]
             conds += [Condition("Compressed", "False", "NoReport", msg), *_summary("NoReport", msg, stalled=True)]
             status["phase"] = "Failed"
-            return _finish(plan, old, conds)
-        artifact = report["artifact"]
+            return _finish(plan, old, conds, now)
+        artifact = said["artifact"]
         digest = artifact.get("digest") or ""
-        summary = report.get("report") if isinstance(report.get("report"), Mapping) else {}
+        summary = said.get("report") if isinstance(said.get("report"), Mapping) else {}
         status["report"] = {k: summary[k] for k in REPORT_KEYS if k in summary}
         status["candidate"] = {
             "uri": artifact["uri"],
@@ -195,17 +184,15 @@ def decide(
                 if isinstance(v, int | float)
             },
         }
-        status["gatesPassed"] = bool(report.get("gatesPassed"))
+        status["gatesPassed"] = bool(said.get("gatesPassed"))
         status.pop("failure", None)
-        return _outcome(plan, old, conds, spec, meta, status, config)
+        return _outcome(plan, old, conds, spec, meta, status, config, now)
 
-    failed = _job_condition_true(current, "Failed") or any(
-        (p.get("status") or {}).get("phase") == "Failed" for p in cpods
-    )
+    failed = condition_true(current, "Failed") or any((p.get("status") or {}).get("phase") == "Failed" for p in cpods)
     if failed:
-        failure = classify(current, cpods, spec)
-        report = next((_message_json(_terminated(p)) for p in cpods if _message_json(_terminated(p))), None) or {}
-        cls = "ParityCheck" if report.get("reason") == "ParityCheck" else failure.cls
+        failure = classify(current, cpods, container=b.CONTAINER, oom_hint=_oom_hint(spec))
+        said = next((r for p in cpods if (r := report(p, b.CONTAINER))), None) or {}
+        cls = "ParityCheck" if said.get("reason") == "ParityCheck" else failure.cls
         retry = cls == "Preemption" or (cls == "Infrastructure" and attempt < MAX_INFRA_ATTEMPTS)
         if retry and attempt < 99:
             plan.create = [
@@ -213,12 +200,12 @@ def decide(
                     mc, source, attempt + 1, out, image_default=config.image_default, artifact_env=config.artifact_env
                 )
             ]
-            plan.delete_jobs = sorted({*plan.delete_jobs, current["metadata"]["name"]})
+            plan.delete_once(job(current["metadata"]["name"]))
             msg = f"attempt {attempt} failed ({cls}: {failure.message}); retrying as attempt {attempt + 1}"
             plan.events.append(("Warning", "Retrying", msg[:1024]))
-            return _running(plan, old, conds, status, cls, msg)
+            return _running(plan, old, conds, status, cls, msg, now)
         known = cls if cls in ("UserError", "OutOfMemory", "Infrastructure", "ParityCheck") else "Unknown"
-        status["failure"] = replace(failure, cls=known, reason=report.get("reason") or failure.reason).to_status(now)
+        status["failure"] = replace(failure, cls=known, reason=said.get("reason") or failure.reason).to_status(now)
         if failure.pod and not failure.log_tail:
             plan.want_log_tail = failure.pod
         msg = f"compression failed ({cls}): {failure.message}"
@@ -229,26 +216,18 @@ def decide(
         status["phase"] = "Failed"
         if old.get("phase") != "Failed":
             plan.events.append(("Warning", "Failed", msg[:1024]))
-        return _finish(plan, old, conds)
-    return _running(plan, old, conds, status, "Compressing", f"compressing {source['uri']} (attempt {attempt})")
+        return _finish(plan, old, conds, now)
+    return _running(plan, old, conds, status, "Compressing", f"compressing {source['uri']} (attempt {attempt})", now)
 
 
 def _summary(
     reason: str, msg: str, *, ready: bool = False, reconciling: bool = False, stalled: bool = False
 ) -> list[Condition]:
     """Ready / Reconciling / Stalled, the kstatus trio every outcome sets, with one reason and message."""
-
-    def flag(on: bool) -> Any:
-        return "True" if on else "False"
-
-    return [
-        Condition("Ready", flag(ready), reason, msg),
-        Condition("Reconciling", flag(reconciling), reason, msg),
-        Condition("Stalled", flag(stalled), reason, msg),
-    ]
+    return kstatus(reason, msg, ready=ready, reconciling=reconciling, stalled=stalled)
 
 
-def _running(plan: Plan, old: Obj, conds: list[Condition], status: Obj, reason: str, msg: str) -> Plan:
+def _running(plan: Plan, old: Obj, conds: list[Condition], status: Obj, reason: str, msg: str, now: float) -> Plan:
     conds += [
         Condition("Compressed", "False", reason, msg),
         *_summary(reason, msg, reconciling=True),
@@ -256,7 +235,11 @@ def _running(plan: Plan, old: Obj, conds: list[Condition], status: Obj, reason: 
     status["phase"] = "Running"
     if old.get("phase") != "Running":
         plan.events.append(("Normal", "Compressing", msg[:1024]))
-    return _finish(plan, old, conds)
+    return _finish(plan, old, conds, now)
+
+
+def _oom_hint(spec: Mapping[str, Any]) -> str:
+    return f"raise resources.memory (now {(spec.get('resources') or {}).get('memory') or 'unset'})"
 
 
 def _gate_verdict(report: Mapping[str, Any]) -> tuple[str, str]:
@@ -277,6 +260,7 @@ def _outcome(
     meta: Mapping[str, Any],
     status: Obj,
     config: Config,
+    now: float,
 ) -> Plan:
     candidate = status["candidate"]
     report = status.get("report") or {}
@@ -291,7 +275,7 @@ def _outcome(
         status["phase"] = "Rejected"
         if old.get("phase") != "Rejected":
             plan.events.append(("Warning", reason, f"candidate rejected: {detail}"[:1024]))
-        return _finish(plan, old, conds)
+        return _finish(plan, old, conds, now)
     conds.append(Condition("GatesPassed", "True", "GatesPassed", "every gate passed"))
     promotion = spec.get("promotion") or {}
     name = promotion.get("modelName") or meta["name"]
@@ -303,7 +287,7 @@ def _outcome(
             *_summary("Promoted", msg, ready=True),
         ]
         status["phase"] = "Promoted"
-        return _finish(plan, old, conds)
+        return _finish(plan, old, conds, now)
     manual = promotion.get("policy") == "Manual"
     if manual and promotion.get("approvedDigest") != candidate["digest"]:
         how = (
@@ -317,12 +301,12 @@ def _outcome(
         status["phase"] = "AwaitingApproval"
         if old.get("phase") != "AwaitingApproval":
             plan.events.append(("Normal", "AwaitingApproval", how[:1024]))
-        return _finish(plan, old, conds)
+        return _finish(plan, old, conds, now)
     if not config.registry_root:
         msg = "the operator has no registry (KILN_REGISTRY_ROOT or KILN_ARTIFACT_ROOT) to promote into"
         conds += [Condition("Promoted", "False", "NoRegistry", msg), *_summary("NoRegistry", msg, stalled=True)]
         status["phase"] = "Failed"
-        return _finish(plan, old, conds)
+        return _finish(plan, old, conds, now)
     # The handler records the version (plan.promote) and fills status.promoted before the status is written.
     plan.promote = (candidate["uri"], name)
     how = "approved" if manual else "automatic"
@@ -333,14 +317,11 @@ def _outcome(
     ]
     status["phase"] = "Promoted"
     plan.events.append(("Normal", "Promoted", msg))
-    return _finish(plan, old, conds)
+    return _finish(plan, old, conds, now)
 
 
-def _finish(plan: Plan, old: Mapping[str, Any], conds: list[Condition]) -> Plan:
-    generation = plan.status.get("observedGeneration")
-    stamp = fmt_time(time.time())
-    conditions: list[Obj] = list(old.get("conditions") or [])
-    for c in conds:
-        conditions = set_condition(conditions, c, generation, stamp)
-    plan.status["conditions"] = conditions
+def _finish(plan: Plan, old: Mapping[str, Any], conds: list[Condition], now: float) -> Plan:
+    plan.status["conditions"] = merge_conditions(
+        old.get("conditions"), conds, plan.status.get("observedGeneration"), now
+    )
     return plan

@@ -9,22 +9,20 @@ metrics it passes back in as ``analysis``.
 
 from __future__ import annotations
 
-import calendar
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln_artifacts.contract import ExitCode, read_termination_message
+from kiln_operator import labels
 from kiln_operator.analysis import Sample
 from kiln_operator.builders import modeldeployment as b
-from kiln_operator.conditions import Condition, set_condition
 from kiln_operator.lifecycle.plan import Plan
-from kiln_operator.lifecycle.trainingjob import fmt_time
+from kiln_operator.status import Condition, flag, kstatus, merge_conditions, parse_time, rfc3339
 
 Obj = dict[str, Any]
 HISTORY = 20
 REJECTED = 20
-APPROVE_ANNOTATION = "kiln.dev/approve"  # "<candidate shortDigest>/<step>": a person passes a step without pause
 # A crash-looping candidate, or one whose model does not load, is rolled back at once; a slow image pull or an
 # unschedulable pod only when the progress deadline passes.
 FATAL = {"CrashLoopBackOff", "ModelLoadFailed", "PodFailed"}
@@ -37,7 +35,8 @@ WAITING = {
     "InvalidImageName",
     "RunContainerError",
 }
-LOAD_FAILURES = {2, 3, 4, 5}  # the server's exit codes for a bad flag, artifact, model contract or session
+# The server's exit codes for a bad flag, artifact, model contract or session: the model cannot load.
+LOAD_FAILURES = {ExitCode.USER_ERROR, ExitCode.ARTIFACT, ExitCode.CONTRACT, ExitCode.RUNTIME}
 
 
 @dataclass(frozen=True)
@@ -110,14 +109,14 @@ def revisions(deployments: Sequence[Mapping[str, Any]]) -> list[Revision]:
         out.append(
             Revision(
                 name=meta["name"],
-                key=lbls.get(b.REVISION_LABEL, ""),
-                number=_int(notes.get(b.NUMBER_ANNOTATION)),
-                uri=notes.get(b.URI_ANNOTATION, ""),
-                digest=notes.get(b.DIGEST_ANNOTATION),
-                role=notes.get(b.ROLE_ANNOTATION, ""),
-                step=_int(notes.get(b.STEP_ANNOTATION)),
-                step_started=_float(notes.get(b.STEP_STARTED_ANNOTATION)),
-                entered=_float(notes.get(b.CREATED_ANNOTATION)) or 0.0,
+                key=lbls.get(labels.REVISION, ""),
+                number=_int(notes.get(labels.REVISION_NUMBER)),
+                uri=notes.get(labels.ARTIFACT_URI, ""),
+                digest=notes.get(labels.ARTIFACT_DIGEST),
+                role=notes.get(labels.ROLE, ""),
+                step=_int(notes.get(labels.CANARY_STEP)),
+                step_started=_float(notes.get(labels.STEP_STARTED)),
+                entered=_float(notes.get(labels.CREATED)) or 0.0,
                 replicas=_int((d.get("spec") or {}).get("replicas")),
                 ready=_int((d.get("status") or {}).get("readyReplicas")),
                 annotations=dict(notes),
@@ -170,7 +169,9 @@ def pod_problem(pod: Mapping[str, Any]) -> tuple[str, str] | None:
         if waiting.get("reason") not in WAITING:
             continue
         last = (cs.get("lastState") or {}).get("terminated") or {}
-        said = (last.get("message") or "").strip()[-512:]
+        # The server's JSON summary, or (FallbackToLogsOnError) its log's last lines.
+        text = last.get("message") or ""
+        said = str((read_termination_message(text) or {}).get("message") or text).strip()[-512:]
         if waiting["reason"] == "CrashLoopBackOff" and last.get("exitCode") in LOAD_FAILURES:
             return "ModelLoadFailed", f"pod {name}: the server exited {last['exitCode']}: {said or 'no message'}"
         detail = f"; last exit {last.get('exitCode')}: {said}" if last else ""
@@ -262,19 +263,10 @@ def analysis_due(md: Mapping[str, Any], deployments: Sequence[Mapping[str, Any]]
     last = (md.get("status") or {}).get("analysis") or {}
     since = candidate.step_started
     if last.get("revision") == candidate.number and last.get("step") == candidate.step:
-        since = max(since, _parse_time(last.get("time")) or since)
+        since = max(since, parse_time(last.get("time")) or since)
     if now - since < interval:
         return None
     return Analysis(revision=candidate.number, step=candidate.step, window=int(now - candidate.step_started))
-
-
-def _parse_time(text: Any) -> float | None:
-    if not text:
-        return None
-    try:
-        return float(calendar.timegm(time.strptime(str(text), "%Y-%m-%dT%H:%M:%SZ")))
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -288,6 +280,7 @@ class _Pass:
     conds: list[Condition] = field(default_factory=list)
     history: list[Obj] = field(default_factory=list)
     route_weight: int = 0  # the candidate's weight on the HTTPRoute, when there is a Gateway
+    serving: tuple[Revision | None, Revision | None] = (None, None)  # (stable, candidate) the status reports
 
     @property
     def gateway(self) -> bool:
@@ -317,7 +310,7 @@ class _Pass:
         same = (
             rev.replicas == replicas
             and all(have.get(k) == v for k, v in want["metadata"]["annotations"].items())
-            and not (set(have) & {b.STEP_ANNOTATION, b.STEP_STARTED_ANNOTATION}) - set(want["metadata"]["annotations"])
+            and not (set(have) & {labels.CANARY_STEP, labels.STEP_STARTED}) - set(want["metadata"]["annotations"])
         )
         if not same:
             self.plan.apply.append(want)
@@ -334,8 +327,8 @@ class _Pass:
                 "digest": rev.digest or "",
                 "outcome": outcome,
                 "reason": reason[:1024],
-                "startTime": fmt_time(rev.entered) if rev.entered else fmt_time(self.now),
-                "endTime": fmt_time(self.now),
+                "startTime": rfc3339(rev.entered) if rev.entered else rfc3339(self.now),
+                "endTime": rfc3339(self.now),
             }
         )
 
@@ -349,11 +342,33 @@ def decide(
     config: Config = Config(),
     analysis: Analysis | None = None,
 ) -> Plan:
-    meta, spec = md["metadata"], md.get("spec") or {}
+    """One reconcile pass of a ModelDeployment, from its source's promoted artifact (``source``: the
+    ModelCompression or TrainingJob it follows, or None), the revisions' ``deployments`` and ``pods``, and the
+    ``analysis`` of the canary step the handler measured (``analysis_due`` says when). Decides which revisions
+    serve with how many replicas (a new artifact starts a candidate; a canary step advances when its replicas are
+    ready, its pause or approval has passed and its analysis says Pass; the candidate is promoted after the last
+    step, or rolled back on a fatal pod problem, the progress deadline or a failed analysis), the traffic children
+    (HTTPRoute and per-revision Services with a Gateway), and the status that reports all of it."""
     old: Obj = dict(md.get("status") or {})
     status: Obj = {k: v for k, v in old.items() if k != "conditions"}
-    status["observedGeneration"] = meta.get("generation")
+    status["observedGeneration"] = md["metadata"].get("generation")
     p = _Pass(md, now, config, Plan(status=status))
+    _revisions(p, old, source, deployments, pods, analysis)
+    _traffic(p)
+    return p.plan
+
+
+def _revisions(
+    p: _Pass,
+    old: Obj,
+    source: Mapping[str, Any] | None,
+    deployments: Sequence[Mapping[str, Any]],
+    pods: Sequence[Mapping[str, Any]],
+    analysis: Analysis | None,
+) -> Plan:
+    """The revisions to run and the status; every branch ends in ``_report``."""
+    md, now, status = p.md, p.now, p.plan.status
+    meta, spec = md["metadata"], md.get("spec") or {}
     n = b.replicas(md)
     rollout = spec.get("rollout") or {}
     canary = rollout.get("strategy") == "Canary" and n > 0  # scaled to zero: no traffic to analyse
@@ -372,7 +387,7 @@ def decide(
     by_key: dict[str, list[Mapping[str, Any]]] = {}
     for pod in pods:
         if not pod["metadata"].get("deletionTimestamp"):
-            by_key.setdefault((pod["metadata"].get("labels") or {}).get(b.REVISION_LABEL, ""), []).append(pod)
+            by_key.setdefault((pod["metadata"].get("labels") or {}).get(labels.REVISION, ""), []).append(pod)
 
     def problems(rev: Revision | None) -> list[tuple[str, str]]:
         return [x for x in (pod_problem(pod) for pod in by_key.get(rev.key, []) if rev) if x]
@@ -428,7 +443,7 @@ def decide(
     if candidate is None:
         steps = rollout.get("steps") or [{"weight": 100}]
         c, _s = step_replicas(n, int(steps[0]["weight"])) if canary else (n, n)
-        p.plan.apply.append(p.deployment(found, target_key, next_number, "candidate", c, **{b.STEP_ANNOTATION: "0"}))
+        p.plan.apply.append(p.deployment(found, target_key, next_number, "candidate", c, **{labels.CANARY_STEP: "0"}))
         p.keep(stable, "stable", n)
         how = f"canary step 0 ({steps[0]['weight']}%)" if canary else "rolling update"
         p.plan.events.append(("Normal", "RolloutStarted", f"revision {next_number} ({found['uri']}): {how}"))
@@ -454,7 +469,7 @@ def decide(
         status["analysis"] = {
             k: v
             for k, v in {
-                "time": fmt_time(now),
+                "time": rfc3339(now),
                 "revision": analysis.revision,
                 "step": analysis.step,
                 "windowSeconds": analysis.window,
@@ -475,11 +490,11 @@ def decide(
     # Surge first: the stable revision shrinks only as far as the candidate's ready pods make up for.
     stable_want = min(n, max(want_s, n - candidate.ready))
     step_ready = candidate.ready >= want_c
-    notes = {b.STEP_ANNOTATION: str(step)}
+    notes = {labels.CANARY_STEP: str(step)}
     if candidate.step_started is not None:
-        notes[b.STEP_STARTED_ANNOTATION] = str(int(candidate.step_started))
+        notes[labels.STEP_STARTED] = str(int(candidate.step_started))
     elif step_ready and canary:
-        notes[b.STEP_STARTED_ANNOTATION] = str(int(now))
+        notes[labels.STEP_STARTED] = str(int(now))
     wake: list[float] = [candidate.entered + deadline] if not step_ready else []
     passed, approval = False, None
     # With a Gateway the weight is exact: the step's weight once its pods are ready, the previous one until then.
@@ -489,22 +504,22 @@ def decide(
     elif step_ready and candidate.step_started is not None:
         pause = steps[step].get("pauseSeconds")
         short = candidate.short
-        approved = (md["metadata"].get("annotations") or {}).get(APPROVE_ANNOTATION) == f"{short}/{step}"
+        approved = (md["metadata"].get("annotations") or {}).get(labels.APPROVE) == f"{short}/{step}"
         held = now - candidate.step_started >= pause if pause is not None else approved
         last = status.get("analysis") or {}
         fresh = last.get("revision") == candidate.number and last.get("step") == step
         passed = held and fresh and last.get("verdict") == "Pass"
         interval = int((rollout.get("analysis") or {}).get("intervalSeconds", 60))
-        start = _parse_time(last.get("time")) if fresh else None
+        start = parse_time(last.get("time")) if fresh else None
         wake.append(max(start or candidate.step_started, candidate.step_started) + interval)
         if pause is not None:
             wake.append(candidate.step_started + pause)
         if pause is None and not approved and fresh and last.get("verdict") == "Pass":
-            approval = f"kubectl annotate md/{meta['name']} --overwrite {APPROVE_ANNOTATION}={short}/{step}"
+            approval = f"kubectl annotate md/{meta['name']} --overwrite {labels.APPROVE}={short}/{step}"
     if passed and step + 1 < len(steps):
         nxt = step + 1
         c2, _ = step_replicas(n, int(steps[nxt]["weight"]))
-        p.keep(candidate, "candidate", c2, entered=now, **{b.STEP_ANNOTATION: str(nxt)})
+        p.keep(candidate, "candidate", c2, entered=now, **{labels.CANARY_STEP: str(nxt)})
         p.keep(stable, "stable", min(n, max(step_replicas(n, int(steps[nxt]["weight"]))[1], n - candidate.ready)))
         p.plan.events.append(
             ("Normal", "CanaryStep", f"revision {candidate.number}: step {nxt} ({steps[nxt]['weight']}%)")
@@ -548,13 +563,30 @@ def _rollback(
             "digest": candidate.digest,
             "reason": f"{reason}: {message}"[:1024],
             "generation": p.md["metadata"].get("generation"),
-            "time": fmt_time(p.now),
+            "time": rfc3339(p.now),
         }
         kept = [e for e in old.get("rejected") or [] if e.get("digest") != candidate.digest]
         status["rejected"] = [*kept, entry][-REJECTED:]
     p.conds.append(Condition("RolledBack", "True", reason, message))
     p.plan.events.append(("Warning", "RolledBack", message[:1024]))
     return _report(p, old, stable, None, by_key, n)
+
+
+def _traffic(p: _Pass) -> None:
+    """With a Gateway: a Service per revision in service, and the HTTPRoute's exact weights over them."""
+    md, status = p.md, p.plan.status
+    stable, candidate = p.serving
+    if p.gateway and stable is not None:
+        weights = [(stable.key, 100 - (p.route_weight if candidate else 0))]
+        if candidate is not None:
+            weights.append((candidate.key, p.route_weight))
+        p.plan.apply += [b.revision_service(md, key) for key, _ in weights] + [b.http_route(md, weights)]
+        status["route"] = b.base(md["metadata"]["name"])
+        status["routeUrl"] = b.route_url(md)
+    elif not p.gateway and status.pop("route", None):
+        p.plan.delete.append(("gateway.networking.k8s.io/v1", "HTTPRoute", b.base(md["metadata"]["name"])))
+    if status.get("routeUrl") is None:
+        status.pop("routeUrl", None)
 
 
 def _report(
@@ -597,18 +629,7 @@ def _report(
         status["canaryWeight"] = 0
     if p.history:
         status["history"] = [*(old.get("history") or []), *p.history][-HISTORY:]
-    if p.gateway and stable is not None:
-        # A Service per revision in service, and the route's exact weights over them.
-        weights = [(stable.key, 100 - (p.route_weight if candidate else 0))]
-        if candidate is not None:
-            weights.append((candidate.key, p.route_weight))
-        p.plan.apply += [b.revision_service(md, key) for key, _ in weights] + [b.http_route(md, weights)]
-        status["route"] = b.base(md["metadata"]["name"])
-        status["routeUrl"] = b.route_url(md)
-    elif not p.gateway and status.pop("route", None):
-        p.plan.delete.append(("gateway.networking.k8s.io/v1", "HTTPRoute", b.base(md["metadata"]["name"])))
-    if status.get("routeUrl") is None:
-        status.pop("routeUrl", None)
+    p.serving = (stable, candidate)
 
     issues = [x for pod in pods if (x := pod_problem(pod))]
     if issues:
@@ -645,13 +666,12 @@ def _report(
         prog_reason, prog_msg = reason, msg
     else:
         prog_reason, prog_msg = "Complete", msg
+    own = {"Reconciling": (prog_reason, prog_msg[:4096])}
+    if not stalled:
+        own["Stalled"] = ("AsExpected", "")
     p.conds += [
-        Condition("Ready", "True" if is_ready else "False", reason, msg),
-        Condition("Progressing", "True" if progressing else "False", prog_reason, prog_msg[:4096]),
-        Condition("Reconciling", "True" if progressing else "False", prog_reason, prog_msg[:4096]),
-        Condition(
-            "Stalled", "True" if stalled else "False", reason if stalled else "AsExpected", msg if stalled else ""
-        ),
+        Condition("Progressing", flag(progressing), prog_reason, prog_msg[:4096]),
+        *kstatus(reason, msg, ready=is_ready, reconciling=progressing, stalled=stalled, own=own),
     ]
     if stalled or (stable is None and not progressing):
         status["phase"] = "Failed"
@@ -663,10 +683,5 @@ def _report(
         status["phase"] = "Ready"
     else:
         status["phase"] = "Pending"
-    generation = md["metadata"].get("generation")
-    stamp = fmt_time(time.time())
-    conditions: list[Obj] = list(old.get("conditions") or [])
-    for c in p.conds:
-        conditions = set_condition(conditions, c, generation, stamp)
-    status["conditions"] = conditions
+    status["conditions"] = merge_conditions(old.get("conditions"), p.conds, md["metadata"].get("generation"), p.now)
     return p.plan

@@ -11,51 +11,32 @@ status is only a projection of it, so a stale status (our patch not yet seen) ne
 
 from __future__ import annotations
 
-import datetime
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from kiln_operator import labels
 from kiln_operator.builders import trainingjob as b
-from kiln_operator.conditions import Condition, set_condition
-from kiln_operator.lifecycle.plan import Plan
+from kiln_operator.lifecycle.plan import Plan, job, service
+from kiln_operator.lifecycle.pods import (
+    Failure,
+    attempt_of,
+    classify,
+    completion_index,
+    condition_true,
+    deleting,
+    pending_reason,
+    report,
+)
+from kiln_operator.lifecycle.pods import gpu_seconds as pod_gpu_seconds
+from kiln_operator.status import Condition, flag, kstatus, merge_conditions, parse_time, rfc3339
 
 Obj = dict[str, Any]
 
 TERMINAL = ("Succeeded", "Failed")
 USER_CLASSES = ("UserError", "OutOfMemory", "Unknown")
-IMAGE_ERRORS = (
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "ErrImageNeverPull",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-)
-TRAINER_REASONS = {  # the trainer's termination-message reasons (README, Trainer: exit codes)
-    "UserError": "UserError",
-    "OutOfMemory": "OutOfMemory",
-    "Infrastructure": "Infrastructure",
-    "Preemption": "Preemption",
-    "Unknown": "Unknown",
-}
-EXIT_CODES = {2: "UserError", 3: "OutOfMemory", 4: "Infrastructure", 5: "Preemption"}
-# DisruptionTarget reasons: DeletionByTaintManager means the node went away (infrastructure); the others are
-# someone taking the capacity back (preemption), which never spends a budget.
-NODE_LOST = ("DeletionByTaintManager", "NodeLost")
-LOG_TAIL_LINES = 40
 DEFAULT_CHILD_TTL = 3600
-
-
-def parse_time(value: str | None) -> float | None:
-    if not value:
-        return None
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
-def fmt_time(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -84,157 +65,11 @@ class Ledger:
 
 
 @dataclass(frozen=True)
-class Failure:
-    cls: str  # one of api.trainingjob.FAILURE_CLASSES
-    reason: str
-    message: str
-    exit_code: int | None = None
-    pod: str | None = None
-    log_tail: str | None = None
-    last_checkpoint: Obj | None = None
-
-    def to_status(self, now: float) -> Obj:
-        out: Obj = {"class": self.cls, "reason": self.reason, "message": self.message[:4096], "time": fmt_time(now)}
-        if self.exit_code is not None:
-            out["exitCode"] = self.exit_code
-        if self.pod:
-            out["pod"] = self.pod
-        if self.log_tail:
-            out["logTail"] = self.log_tail[-16384:]
-        return out
-
-
-@dataclass(frozen=True)
 class Config:
     image_default: str | None = None
     artifact_root: str | None = None
     artifact_env: tuple[Obj, ...] = ()
     progress_poll_seconds: float = 15.0
-
-
-# ---------------------------------------------------------------------------------------------------------- pods
-
-
-def _condition(obj: Mapping[str, Any], type_: str) -> Obj | None:
-    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None)
-
-
-def _terminated(pod: Mapping[str, Any]) -> Obj | None:
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs.get("name") == b.CONTAINER and (cs.get("state") or {}).get("terminated"):
-            return cs["state"]["terminated"]
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if (cs.get("state") or {}).get("terminated"):
-            return cs["state"]["terminated"]
-    return None
-
-
-def _message_json(terminated: Mapping[str, Any] | None) -> Obj | None:
-    text = (terminated or {}).get("message") or ""
-    if text.lstrip().startswith("{"):
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
-    return None
-
-
-def _index(pod: Mapping[str, Any]) -> int:
-    ann = (pod.get("metadata") or {}).get("annotations") or {}
-    try:
-        return int(ann.get("batch.kubernetes.io/job-completion-index", 0))
-    except ValueError:
-        return 0
-
-
-def pending_reason(pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
-    """Why pods have not started: the image (the container's waiting reason) or the scheduler's message."""
-    for pod in pods:
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            waiting = (cs.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in IMAGE_ERRORS:
-                return waiting["reason"], waiting.get("message") or f"container {cs.get('name')}: {waiting['reason']}"
-    for pod in pods:
-        scheduled = _condition(pod, "PodScheduled")
-        if scheduled and scheduled.get("status") == "False":
-            return scheduled.get("reason") or "Unschedulable", scheduled.get("message") or "pod is not scheduled"
-    return None
-
-
-def classify(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], spec: Mapping[str, Any]) -> Failure:
-    """The failure class of a failed attempt, from its first failing pod (or the Job when the pods are gone)."""
-    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-
-    def finished(p: Mapping[str, Any]) -> tuple[str, int]:
-        return ((_terminated(p) or {}).get("finishedAt") or "~", _index(p))
-
-    for pod in sorted(failed, key=finished):
-        name = pod["metadata"]["name"]
-        disruption = _condition(pod, "DisruptionTarget")
-        if disruption and disruption.get("status") == "True":
-            why = disruption.get("reason") or "Disrupted"
-            message = f"pod {name}: {disruption.get('message') or why}"
-            cls = "Infrastructure" if why in NODE_LOST else "Preemption"
-            return Failure(cls, why, message, pod=name)
-        if (pod.get("status") or {}).get("reason") == "Evicted":
-            return Failure(
-                "Preemption", "Evicted", f"pod {name}: {pod['status'].get('message') or 'evicted'}", pod=name
-            )
-        term = _terminated(pod)
-        if term is None:
-            return Failure("Infrastructure", "PodFailed", f"pod {name} failed without a container status", pod=name)
-        code = term.get("exitCode")
-        report = _message_json(term)
-        tail = None if report else (term.get("message") or None)  # FallbackToLogsOnError: the log's last lines
-        if report and report.get("reason") in TRAINER_REASONS:
-            cls = TRAINER_REASONS[report["reason"]]
-            message = str(report.get("message") or report["reason"])
-            reason = report["reason"]
-        elif term.get("reason") == "OOMKilled":
-            cls, reason, message = "OutOfMemory", "OOMKilled", "the container was killed at its memory limit"
-        elif code in EXIT_CODES:
-            cls = EXIT_CODES[code]
-            reason, message = cls, f"the trainer exited with code {code} ({cls})"
-        elif code in (137, 143):
-            cls, reason, message = "Infrastructure", "Killed", f"the container was killed by a signal (exit {code})"
-        else:
-            cls, reason, message = "Unknown", "Error", f"the container exited with code {code}"
-        if cls == "OutOfMemory":
-            memory = (spec.get("resources") or {}).get("memory") or "unset"
-            message += (
-                f"; hint: raise resources.memory (now {memory}) or lower hyperparameters.batchSize "
-                "(gradientAccumulationSteps keeps the global batch)"
-            )
-        checkpoint = (report or {}).get("lastCheckpoint")
-        return Failure(
-            cls,
-            reason,
-            f"pod {name}: {message}",
-            exit_code=code,
-            pod=name,
-            log_tail=tail,
-            last_checkpoint=checkpoint if isinstance(checkpoint, dict) else None,
-        )
-    failed_condition = _condition(job, "Failed") or {}
-    text = failed_condition.get("message") or "the attempt's Job failed"
-    if "DisruptionTarget" in text:
-        return Failure("Preemption", "Disrupted", text)
-    return Failure("Infrastructure", failed_condition.get("reason") or "PodsLost", text)
-
-
-def gpu_seconds(pods: Sequence[Mapping[str, Any]], gpus: int, now: float) -> float:
-    """GPU-seconds of one attempt: per pod, from its start to its end (or now), times its GPUs."""
-    if not gpus:
-        return 0.0
-    total = 0.0
-    for pod in pods:
-        start = parse_time((pod.get("status") or {}).get("startTime"))
-        if start is None:
-            continue
-        end = parse_time((_terminated(pod) or {}).get("finishedAt")) or now
-        total += max(0.0, end - start) * gpus
-    return total
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -254,10 +89,10 @@ def _progress_status(progress: Mapping[str, Any] | None) -> Obj | None:
         out["percent"] = max(0, min(100, int(100 * out["step"] / out["totalSteps"])))
     heartbeat = parse_time(progress.get("heartbeat")) if isinstance(progress.get("heartbeat"), str) else None
     if heartbeat is not None:
-        out["heartbeatTime"] = fmt_time(heartbeat)
+        out["heartbeatTime"] = rfc3339(heartbeat)
         eta = progress.get("etaSeconds")
         if isinstance(eta, int | float) and eta >= 0:
-            out["eta"] = fmt_time(heartbeat + eta)
+            out["eta"] = rfc3339(heartbeat + eta)
     return out or None
 
 
@@ -268,7 +103,7 @@ def _checkpoint_status(value: Any) -> Obj | None:
     if isinstance(value.get("step"), int):
         out["step"] = value["step"]
     if isinstance(value.get("time"), str) and parse_time(value["time"]) is not None:
-        out["time"] = fmt_time(parse_time(value["time"]) or 0)
+        out["time"] = rfc3339(parse_time(value["time"]) or 0)
     return out
 
 
@@ -288,19 +123,8 @@ def _artifact_status(report: Mapping[str, Any] | None) -> Obj | None:
     return out
 
 
-def _attempt_of(job: Mapping[str, Any]) -> int:
-    try:
-        return int(((job.get("metadata") or {}).get("labels") or {}).get(b.ATTEMPT_LABEL, 0))
-    except ValueError:
-        return 0
-
-
 def _ledger(job: Mapping[str, Any] | None) -> Ledger:
-    return Ledger.load((((job or {}).get("metadata") or {}).get("annotations") or {}).get(b.LEDGER_ANNOTATION))
-
-
-def _job_condition_true(job: Mapping[str, Any], type_: str) -> bool:
-    return (_condition(job, type_) or {}).get("status") == "True"
+    return Ledger.load((((job or {}).get("metadata") or {}).get("annotations") or {}).get(labels.LEDGER))
 
 
 def build_attempt(tj: Mapping[str, Any], attempt: int, ledger: Ledger, config: Config) -> Obj:
@@ -310,7 +134,7 @@ def build_attempt(tj: Mapping[str, Any], attempt: int, ledger: Ledger, config: C
         attempt,
         image_default=config.image_default,
         artifact_env=config.artifact_env,
-        annotations={b.LEDGER_ANNOTATION: ledger.dump()},
+        annotations={labels.LEDGER: ledger.dump()},
     )
 
 
@@ -335,9 +159,9 @@ def decide(
     if old.get("phase") in TERMINAL:
         return _finished(tj, jobs, plan, now)
 
-    live = [j for j in jobs if _attempt_of(j) > 0]
-    current = max(live, key=_attempt_of, default=None)
-    plan.delete_jobs = [j["metadata"]["name"] for j in live if j is not current and not _deleting(j)]
+    live = [j for j in jobs if attempt_of(j) > 0]
+    current = max(live, key=attempt_of, default=None)
+    plan.delete = [job(j["metadata"]["name"]) for j in live if j is not current and not deleting(j)]
     if current is None:
         attempt = int(old.get("attempt") or 0)
         ledger = Ledger()
@@ -350,9 +174,9 @@ def decide(
         current = build_attempt(tj, 1, ledger, config)
         plan.create = [*_service(tj), current]
 
-    attempt = _attempt_of(current)
+    attempt = attempt_of(current)
     ledger = _ledger(current)
-    mine = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(b.ATTEMPT_LABEL) == str(attempt)]
+    mine = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(labels.ATTEMPT) == str(attempt)]
     status.update(
         attempt=attempt,
         jobName=current["metadata"]["name"],
@@ -364,7 +188,7 @@ def decide(
         phase = (p.get("status") or {}).get("phase") or "Pending"
         counts[{"Running": "running", "Succeeded": "succeeded", "Failed": "failed"}.get(phase, "pending")] += 1
     status["pods"] = counts
-    status["gpuSeconds"] = int(ledger.gpu_seconds + gpu_seconds(mine, gpus, now))
+    status["gpuSeconds"] = int(ledger.gpu_seconds + pod_gpu_seconds(mine, gpus, now, b.CONTAINER))
     progress_status = _progress_status(progress)
     if progress_status:
         status["progress"] = progress_status
@@ -377,43 +201,43 @@ def decide(
         status["failure"] = ledger.previous
     nodes = int(spec.get("nodes") or 1)
     job_suspended = bool((current.get("spec") or {}).get("suspend"))
-    by_kiln = ((current.get("metadata") or {}).get("annotations") or {}).get(b.SUSPENDED_BY_KILN) == "true"
+    by_kiln = ((current.get("metadata") or {}).get("annotations") or {}).get(labels.SUSPENDED_BY_KILN) == "true"
 
     # ---- terminal outcomes of this attempt
-    if _job_condition_true(current, "Complete") or counts["succeeded"] >= nodes:
-        rank0 = min((p for p in mine if p["status"].get("phase") == "Succeeded"), key=_index, default=None)
-        report = _message_json(_terminated(rank0)) if rank0 else None
-        artifact = _artifact_status(report)
+    if condition_true(current, "Complete") or counts["succeeded"] >= nodes:
+        rank0 = min((p for p in mine if p["status"].get("phase") == "Succeeded"), key=completion_index, default=None)
+        said = report(rank0, b.CONTAINER)
+        artifact = _artifact_status(said)
         if artifact:
             status["artifact"] = artifact
-        if report and _checkpoint_status(report.get("lastCheckpoint")):
-            status["lastCheckpoint"] = _checkpoint_status(report["lastCheckpoint"])
-        if report and isinstance(report.get("step"), int):
+        if said and _checkpoint_status(said.get("lastCheckpoint")):
+            status["lastCheckpoint"] = _checkpoint_status(said["lastCheckpoint"])
+        if said and isinstance(said.get("step"), int):
             done = dict(status.get("progress") or {})
-            done.update(step=report["step"], percent=100)
-            if isinstance(report.get("totalSteps"), int):
-                done["totalSteps"] = report["totalSteps"]
+            done.update(step=said["step"], percent=100)
+            if isinstance(said.get("totalSteps"), int):
+                done["totalSteps"] = said["totalSteps"]
             status["progress"] = done
-        status.update(phase="Succeeded", completionTime=fmt_time(now))
+        status.update(phase="Succeeded", completionTime=rfc3339(now))
         status.pop("failure", None)
-        status.setdefault("startTime", status.get("startTime") or fmt_time(now))
+        status.setdefault("startTime", status.get("startTime") or rfc3339(now))
         where = f"; model {artifact['uri']} ({artifact.get('digest', 'no digest')})" if artifact else ""
         plan.events.append(("Normal", "Succeeded", f"attempt {attempt} succeeded{where}"))
-        _set_conditions(plan, old, "Succeeded", "Succeeded", f"attempt {attempt} succeeded{where}", artifact)
+        _set_conditions(plan, old, "Succeeded", "Succeeded", f"attempt {attempt} succeeded{where}", artifact, now)
         plan.requeue_after = _ttl_delay(spec, now, now)
         return plan
 
-    attempt_failed = _job_condition_true(current, "Failed") or counts["failed"] > 0
+    attempt_failed = condition_true(current, "Failed") or counts["failed"] > 0
     if attempt_failed:
-        failure = classify(current, mine, spec)
+        failure = classify(current, mine, container=b.CONTAINER, oom_hint=oom_hint(spec))
         return _replace(tj, plan, attempt, ledger, failure, current, mine, now, config)
 
     # ---- suspend: mirror spec.suspend; unsuspend only what we suspended (Kueue owns its own suspension)
     queue = (spec.get("scheduling") or {}).get("queueName")
     if spec.get("suspend") and not job_suspended:
-        plan.patch_job = (current["metadata"]["name"], _suspend_patch(True))
+        plan.patch.append((job(current["metadata"]["name"]), _suspend_patch(True)))
     elif not spec.get("suspend") and job_suspended and (by_kiln or not queue):
-        plan.patch_job = (current["metadata"]["name"], _suspend_patch(False))
+        plan.patch.append((job(current["metadata"]["name"]), _suspend_patch(False)))
 
     started = parse_time(ledger.started_at) or parse_time(old.get("startTime"))
     active = policy.get("activeDeadlineSeconds")
@@ -424,16 +248,16 @@ def decide(
     if spec.get("suspend") or job_suspended:
         status["pods"] = counts
         if spec.get("suspend"):
-            _set_conditions(plan, old, "Suspended", "Suspended", "spec.suspend is true", None)
+            _set_conditions(plan, old, "Suspended", "Suspended", "spec.suspend is true", None, now)
         else:
             why = f"waiting for Kueue to admit the Job from queue {queue}" if queue else "the Job is suspended"
-            _set_conditions(plan, old, "Pending", "WaitingForQuota" if queue else "JobSuspended", why, None)
+            _set_conditions(plan, old, "Pending", "WaitingForQuota" if queue else "JobSuspended", why, None, now)
         return plan
 
     ran_all = counts["running"] + counts["succeeded"] >= nodes and len(mine) >= nodes
     if ran_all:
         if not status.get("startTime"):
-            status["startTime"] = fmt_time(now)
+            status["startTime"] = rfc3339(now)
         attempt_start = max((parse_time((p.get("status") or {}).get("startTime")) or now for p in mine), default=now)
         deadline = int(policy.get("progressDeadlineSeconds") or 1800)
         if progress is not None:  # a progress source exists (None: the operator cannot read one)
@@ -452,7 +276,7 @@ def decide(
         message = f"attempt {attempt}: {nodes} pod(s) running" + (f", step {step}" if step is not None else "")
         if old.get("phase") != "Running":
             plan.events.append(("Normal", "Running", message))
-        _set_conditions(plan, old, "Running", "Running", message, None)
+        _set_conditions(plan, old, "Running", "Running", message, None, now)
         if active and started:
             plan.requeue_after = min(plan.requeue_after or active, max(1.0, started + active - now))
         return plan
@@ -475,17 +299,13 @@ def decide(
     phase = "Restarting" if old.get("phase") == "Restarting" and attempt > 1 else "Pending"
     if old.get("phase") not in (None, "Pending", "Restarting") or (_reason(old) != why[0] and why[0] != "PodsStarting"):
         plan.events.append(("Warning" if why[0] != "PodsStarting" else "Normal", why[0], why[1]))
-    _set_conditions(plan, old, phase, why[0], why[1], None)
+    _set_conditions(plan, old, phase, why[0], why[1], None, now)
     return plan
 
 
 def _service(tj: Mapping[str, Any]) -> list[Obj]:
     """The headless Service gives ranks each other's DNS names; one node needs none (MASTER_ADDR is localhost)."""
     return [b.headless_service(tj)] if int((tj.get("spec") or {}).get("nodes") or 1) > 1 else []
-
-
-def _deleting(obj: Mapping[str, Any]) -> bool:
-    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def _reason(status: Mapping[str, Any]) -> str | None:
@@ -496,7 +316,10 @@ def _reason(status: Mapping[str, Any]) -> str | None:
 
 
 def _suspend_patch(value: bool) -> Obj:
-    return {"metadata": {"annotations": {b.SUSPENDED_BY_KILN: "true" if value else None}}, "spec": {"suspend": value}}
+    return {
+        "metadata": {"annotations": {labels.SUSPENDED_BY_KILN: "true" if value else None}},
+        "spec": {"suspend": value},
+    }
 
 
 def _ledger_from_status(status: Mapping[str, Any]) -> Ledger:
@@ -545,21 +368,21 @@ def _replace(
         user=ledger.user + (kind == "user"),
         infrastructure=ledger.infrastructure + (kind == "infrastructure"),
         preemptions=ledger.preemptions + (failure.cls == "Preemption"),
-        gpu_seconds=ledger.gpu_seconds + gpu_seconds(pods, gpus, now),
+        gpu_seconds=ledger.gpu_seconds + pod_gpu_seconds(pods, gpus, now, b.CONTAINER),
         started_at=started,
         resume_from=resume,
         previous=status_failure,
     )
     new_attempt = attempt + 1
-    job = build_attempt(tj, new_attempt, nxt, config)
+    attempt_job = build_attempt(tj, new_attempt, nxt, config)
     if resume:
-        job["metadata"]["annotations"]["kiln.dev/resume-from"] = resume
-    plan.create = [*_service(tj), job]
+        attempt_job["metadata"]["annotations"][labels.RESUME_FROM] = resume
+    plan.create = [*_service(tj), attempt_job]
     if current is not None:
-        plan.delete_jobs = sorted({*plan.delete_jobs, current["metadata"]["name"]})
+        plan.delete_once(job(current["metadata"]["name"]))
     plan.status.update(
         attempt=new_attempt,
-        jobName=job["metadata"]["name"],
+        jobName=attempt_job["metadata"]["name"],
         phase="Restarting",
         restarts={"infrastructure": nxt.infrastructure, "user": nxt.user},
         preemptions=nxt.preemptions,
@@ -576,7 +399,7 @@ def _replace(
         f"attempt {new_attempt} replaces the whole group ({spent}){where}"
     )
     plan.events.append(("Warning", "Restarting", message[:1024]))
-    _set_conditions(plan, old, "Restarting", failure.reason, message, None)
+    _set_conditions(plan, old, "Restarting", failure.reason, message, None, now)
     if failure.pod and not failure.log_tail:
         plan.want_log_tail = failure.pod
     return plan
@@ -592,13 +415,13 @@ def _fail(
     *,
     delete_current: bool,
 ) -> Plan:
-    plan.status.update(phase="Failed", completionTime=fmt_time(now), failure=failure.to_status(now))
+    plan.status.update(phase="Failed", completionTime=rfc3339(now), failure=failure.to_status(now))
     if delete_current and current is not None:
         # Running pods hold GPUs: stop them now; the Job's record is in status.
-        plan.delete_jobs = sorted({*plan.delete_jobs, current["metadata"]["name"]})
+        plan.delete_once(job(current["metadata"]["name"]))
     message = f"attempt {attempt} failed ({failure.cls}): {failure.message}"
     plan.events.append(("Warning", "Failed", message[:1024]))
-    _set_conditions(plan, old, "Failed", failure.reason, message, None)
+    _set_conditions(plan, old, "Failed", failure.reason, message, None, now)
     if failure.pod and not failure.log_tail:
         plan.want_log_tail = failure.pod
     return plan
@@ -624,8 +447,8 @@ def _finished(tj: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], plan: Pl
     child_ttl = int(policy.get("childrenTtlSecondsAfterFinished", DEFAULT_CHILD_TTL))
     pending = []
     if now >= done + child_ttl:
-        plan.delete_jobs = [j["metadata"]["name"] for j in jobs if not _deleting(j)]
-        plan.delete_service = True
+        plan.delete = [job(j["metadata"]["name"]) for j in jobs if not deleting(j)]
+        plan.delete.append(service(b.service_name(tj["metadata"]["name"])))
     else:
         pending.append(done + child_ttl - now)
     ttl = policy.get("ttlSecondsAfterFinished")
@@ -638,42 +461,46 @@ def _finished(tj: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], plan: Pl
     return plan
 
 
-CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Running", "Suspended", "Succeeded", "Failed", "ModelReady")
+def oom_hint(spec: Mapping[str, Any]) -> str:
+    memory = (spec.get("resources") or {}).get("memory") or "unset"
+    return (
+        f"raise resources.memory (now {memory}) or lower hyperparameters.batchSize "
+        "(gradientAccumulationSteps keeps the global batch)"
+    )
 
 
 def _set_conditions(
-    plan: Plan, old: Mapping[str, Any], phase: str, reason: str, message: str, artifact: Mapping[str, Any] | None
+    plan: Plan,
+    old: Mapping[str, Any],
+    phase: str,
+    reason: str,
+    message: str,
+    artifact: Mapping[str, Any] | None,
+    now: float,
 ) -> None:
     """Phase and the conditions that say the same thing in kstatus' shape: Ready (succeeded), Reconciling
     (still converging), Stalled (failed for good), one per phase, and ModelReady for downstream kinds."""
     plan.status["phase"] = phase
-    generation = plan.status.get("observedGeneration")
-    stamp = fmt_time(datetime.datetime.now(datetime.UTC).timestamp())
     message = message[:4096]
-
-    def flag(on: bool) -> Any:
-        return "True" if on else "False"
-
-    terminal = phase in TERMINAL
+    failed = phase == "Failed"
     # Suspended as the spec asks is a state reached, not one converging: GitOps tools (kstatus) read it as Current.
-    settled = terminal or phase == "Suspended"
+    settled = phase in TERMINAL or phase == "Suspended"
     model_reason = "ModelPublished" if artifact else ("NoArtifact" if phase == "Succeeded" else phase)
     model_message = (
         f"{artifact['uri']} ({artifact.get('digest', '')})"
         if artifact
         else ("the trainer reported no artifact (no output location)" if phase == "Succeeded" else message)
     )
+    own = {}
+    if settled:
+        own["Reconciling"] = (phase, message)
+    if not failed:
+        own["Stalled"] = ("NotStalled", message)
     wanted = [
-        Condition("Ready", flag(phase == "Succeeded"), reason, message),
-        Condition("Reconciling", flag(not settled), reason if not settled else phase, message),
-        Condition("Stalled", flag(phase == "Failed"), reason if phase == "Failed" else "NotStalled", message),
-        Condition("Running", flag(phase == "Running"), reason, message),
-        Condition("Suspended", flag(phase == "Suspended"), reason, message),
-        Condition("Succeeded", flag(phase == "Succeeded"), reason, message),
-        Condition("Failed", flag(phase == "Failed"), reason, message),
+        *kstatus(reason, message, ready=phase == "Succeeded", reconciling=not settled, stalled=failed, own=own),
+        *(Condition(t, flag(phase == t), reason, message) for t in ("Running", "Suspended", "Succeeded", "Failed")),
         Condition("ModelReady", flag(bool(artifact)), model_reason, model_message),
     ]
-    conditions: list[Obj] = list(old.get("conditions") or [])
-    for c in wanted:
-        conditions = set_condition(conditions, c, generation, stamp)
-    plan.status["conditions"] = conditions
+    plan.status["conditions"] = merge_conditions(
+        old.get("conditions"), wanted, plan.status.get("observedGeneration"), now
+    )

@@ -1,0 +1,484 @@
+"""The HTTP server (aiohttp): Open Inference Protocol routes, metrics on their own port, start-up and the
+graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from kiln_artifacts.contract import ExitCode, termination_message, write_termination_message
+
+from . import __version__
+from .batcher import Batcher
+from .config import Config, UsageError, parse_config
+from .errors import BadRequest, RequestError, StartupError, Unavailable
+from .grpc_service import GrpcService
+from .metrics import Metrics
+from .model import Model
+from .protocol import InferRequest, OutputTensor, encode_response, error_body, parse_infer_request
+
+log = logging.getLogger("kiln_server")
+
+JSON = "application/json"
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+DEADLINE_HEADER = "Kiln-Timeout-Ms"
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(doc).encode(), status=status, content_type=JSON)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=error_body(message), status=status, content_type=JSON, headers=headers)
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.model = Model(config)
+        self.metrics = Metrics(config.model_name, config.max_batch_size)
+        self.batcher: Batcher | None = None
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stop = asyncio.Event()
+        self._fast_stop = False
+        self._sites: list[web.BaseSite] = []
+        self._grpc: grpc.aio.Server | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def ready(self) -> bool:
+        return self.model.ready and not self.draining
+
+    def check_model(self, name: str, version: str | None) -> None:
+        if name != self.model.name:
+            raise RequestError(f"unknown model {name!r}; this server serves {self.model.name!r}", 404)
+        if version is not None and version != self.model.version:
+            raise RequestError(f"model {name!r} has no version {version!r} (versions: {self.model.version})", 404)
+
+    def _check_model(self, request: web.Request) -> None:
+        self.check_model(request.match_info["name"], request.match_info.get("version"))
+
+    # ----------------------------------------------------------------- routes
+    async def server_metadata(self, _request: web.Request) -> web.Response:
+        return _json({"name": "kiln-server", "version": __version__, "extensions": EXTENSIONS})
+
+    async def live(self, _request: web.Request) -> web.Response:
+        return _json({"live": True})
+
+    async def server_ready(self, _request: web.Request) -> web.Response:
+        if self.ready:
+            return _json({"ready": True})
+        return _json({"ready": False, "reason": self.not_ready_reason()}, 503)
+
+    def not_ready_reason(self) -> str:
+        return "shutting down" if self.draining else self.model.not_ready_reason or "not ready"
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._check_model(request)
+        return await self.server_ready(request)
+
+    def metadata(self) -> dict[str, Any]:
+        if self.model.spec is None:
+            raise Unavailable(f"model {self.model.name!r} is not loaded yet ({self.not_ready_reason()})")
+        return self.model.metadata()
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        self._check_model(request)
+        return _json(self.metadata())
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        self._check_model(request)
+        meta = self.metadata()
+        return _json(
+            {
+                "name": self.model.name,
+                "platform": "onnxruntime_onnx",
+                "backend": "onnxruntime",
+                "max_batch_size": self.config.max_batch_size,
+                "dynamic_batching": {
+                    "max_queue_delay_microseconds": int(self.config.max_queue_delay_ms * 1000),
+                    "default_queue_policy": {"max_queue_size": self.config.max_queue_size},
+                },
+                "instance_group": [{"count": self.config.instances}],
+                "input": [
+                    {"name": i["name"], "data_type": "TYPE_" + i["datatype"], "dims": i["shape"]}
+                    for i in meta["inputs"]
+                ],
+                "output": [
+                    {"name": o["name"], "data_type": "TYPE_" + o["datatype"], "dims": o["shape"]}
+                    for o in meta["outputs"]
+                ],
+                "parameters": meta["parameters"],
+            }
+        )
+
+    @contextlib.contextmanager
+    def tracked(self) -> Iterator[Outcome]:
+        """Count one inference request (REST or gRPC) in flight and, when done, in the metrics with its status."""
+        outcome = Outcome(asyncio.get_running_loop().time())
+        self.inflight += 1
+        self._idle.clear()
+        self.metrics.inflight.inc()
+        try:
+            yield outcome
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+            self.metrics.request(outcome.status)
+            self.metrics.request_duration.observe(asyncio.get_running_loop().time() - outcome.started)
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def predict(self, parsed: InferRequest, deadline: float | None) -> list[OutputTensor]:
+        """Validate a parsed request against the model, queue it, wait for its rows (at most until ``deadline``,
+        loop time) and return its outputs."""
+        if not self.model.ready or self.batcher is None:
+            raise Unavailable(f"model {self.model.name!r} is not ready ({self.not_ready_reason()})")
+        payload, size = self.model.prepare(parsed)
+        future = self.batcher.submit(payload, size, deadline)
+        if deadline is None:
+            logits = await future
+        else:
+            try:
+                logits = await asyncio.wait_for(future, max(deadline - asyncio.get_running_loop().time(), 0))
+            except TimeoutError:
+                raise RequestError("deadline exceeded", 504) from None
+        return self.model.outputs_for(logits, parsed)
+
+    def deadline(self, started: float, seconds: float | None, timeout_us: int | None) -> float | None:
+        """The earliest of the transport's deadline (``seconds`` after ``started``: Kiln-Timeout-Ms, gRPC's) and the
+        request's ``timeout`` parameter; else the default timeout, if any. Loop time."""
+        limits = [x for x in (seconds, timeout_us / 1e6 if timeout_us else None) if x is not None]
+        if not limits and self.config.default_timeout_ms > 0:
+            limits.append(self.config.default_timeout_ms / 1000)
+        return started + min(limits) if limits else None
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
+        with self.tracked() as outcome:
+            try:
+                response = await self._infer(request, outcome.started)
+            except RequestError as e:
+                outcome.status = e.status
+                return _error(e.status, e.message, {"Retry-After": "1"} if e.status in (429, 503) else None)
+            except Exception as e:  # a bug: answer, log, keep serving
+                log.exception("unexpected error in infer")
+                return _error(500, f"internal error: {type(e).__name__}")
+            outcome.status = response.status
+            return response
+
+    async def _infer(self, request: web.Request, started: float) -> web.Response:
+        self._check_model(request)
+        if not self.model.ready or self.batcher is None:
+            raise Unavailable(f"model {self.model.name!r} is not ready ({self.not_ready_reason()})")
+        limit = self.config.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise RequestError(f"request body: {length} bytes is over the limit of {limit}", 413)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip", "deflate"):
+            raise RequestError(f"Content-Encoding: {encoding[:40]!r} is not supported (gzip, deflate, identity)", 415)
+        try:
+            body = await request.read()  # aiohttp inflates gzip/deflate; the size limit applies to the result
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestError(f"request body: over the limit of {limit} bytes", 413) from None
+        except Exception as e:  # a broken chunked encoding or compressed stream: the client's fault
+            raise BadRequest(f"request body: cannot be read ({type(e).__name__}: {e})"[:300]) from None
+        header = request.headers.get("Inference-Header-Content-Length")
+        header_length = None
+        if header is not None:
+            try:
+                header_length = int(header)
+            except ValueError:
+                raise BadRequest(f"Inference-Header-Content-Length: not an integer: {header[:50]!r}") from None
+        parsed = parse_infer_request(body, header_length)
+        outputs = await self.predict(parsed, self.deadline(started, _timeout_header(request), parsed.timeout_us))
+        binary = {o.name: (parsed.outputs or {}).get(o.name, parsed.binary_output) for o in outputs}
+        try:
+            body_out, head_len = encode_response(self.model.name, self.model.version, parsed.id, outputs, binary)
+        except ValueError:
+            raise RequestError("inference produced non-finite logits (NaN or infinity)", 500) from None
+        if head_len is None:
+            resp = web.Response(body=body_out, content_type=JSON)
+        else:
+            resp = web.Response(
+                body=body_out,
+                content_type="application/octet-stream",
+                headers={"Inference-Header-Content-Length": str(head_len)},
+            )
+        if self.draining:
+            resp.force_close()  # no new requests on this connection: we are going away
+        return resp
+
+    async def metrics_handler(self, _request: web.Request) -> web.Response:
+        if self.batcher is not None:
+            self.metrics.queue_depth.set(self.batcher.depth)
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    # -------------------------------------------------------------- lifecycle
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[_json_errors])
+        add = app.router.add_route
+        add("GET", "/v2", self.server_metadata)
+        add("GET", "/v2/health/live", self.live)
+        add("GET", "/v2/health/ready", self.server_ready)
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            add("GET", prefix, self.model_metadata)
+            add("GET", prefix + "/ready", self.model_ready)
+            add("GET", prefix + "/config", self.model_config)
+            add("POST", prefix + "/infer", self.infer)
+        return app
+
+    def build_metrics_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics_handler)
+        return app
+
+    def request_stop(self, fast: bool = False) -> None:
+        self._fast_stop = self._fast_stop or fast
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig, fast in ((signal.SIGTERM, False), (signal.SIGINT, True)):
+            loop.add_signal_handler(sig, self.request_stop, fast)
+        # Our own drain (below) finishes the requests; the runners' shutdown only closes what is left, briefly.
+        runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        metrics_runner = web.AppRunner(
+            self.build_metrics_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        await metrics_runner.setup()
+        try:
+            for r, port in ((runner, self.config.port), (metrics_runner, self.config.metrics_port)):
+                site = web.TCPSite(r, self.config.host, port, backlog=1024, reuse_address=True)
+                try:
+                    await site.start()
+                except OSError as e:
+                    raise StartupError(ExitCode.PORT, f"cannot listen on {self.config.host}:{port}: {e}") from e
+                self._sites.append(site)
+            grpc_at = await self._start_grpc()
+            log.info(
+                "listening on %s (inference), %s (gRPC) and %s (metrics); loading %s",
+                _bound(runner),
+                grpc_at,
+                _bound(metrics_runner),
+                self.config.model_uri,
+            )
+            # Load in a daemon thread: /v2/health/live answers meanwhile, and SIGTERM need not wait for it.
+            loaded = _in_daemon_thread(self.model.load)
+            stop_wait = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait([loaded, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            if not loaded.done():
+                log.info("stop requested while loading; exiting")
+                return ExitCode.SUCCEEDED
+            stop_wait.cancel()
+            loaded.result()  # raises StartupError
+            self.metrics.load_seconds.set(self.model.load_seconds)
+            self.metrics.warmup_seconds.set(self.model.warmup_seconds)
+            self.metrics.providers(self.model.providers)
+            self.batcher = Batcher(
+                self.model.run_batch,
+                max_batch_size=self.config.max_batch_size,
+                max_queue_delay=self.config.max_queue_delay_ms / 1000,
+                max_queue_size=self.config.max_queue_size,
+                instances=self.config.instances,
+                metrics=self.metrics,
+            )
+            self.batcher.start()
+            self.metrics.ready.set(1 if self.model.ready else 0)
+            if self.model.ready:
+                log.info("ready: model %r, providers %s", self.model.name, self.model.providers)
+            await self._stop.wait()
+            await self._shutdown(runner)
+            return ExitCode.SUCCEEDED
+        finally:
+            if self._grpc is not None:
+                await self._grpc.stop(0)
+            await runner.cleanup()
+            await metrics_runner.cleanup()
+            if self.batcher is not None:
+                await self.batcher.stop()
+
+    async def _start_grpc(self) -> str:
+        """The gRPC endpoint on its own port (grpcio's asyncio server, on this event loop); "off" when disabled."""
+        if self.config.grpc_port is None:
+            return "off"
+        self._grpc = grpc.aio.server(
+            handlers=[GrpcService(self).handler()],
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_body_bytes),
+                ("grpc.so_reuseport", 0),  # a port in use must fail here (ExitCode.PORT), not be shared silently
+            ],
+        )
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        try:
+            port = self._grpc.add_insecure_port(address)
+        except RuntimeError as e:
+            port, reason = 0, str(e)
+        else:
+            reason = "port in use?"
+        if not port:
+            raise StartupError(ExitCode.PORT, f"cannot listen on {address} (gRPC): {reason}")
+        await self._grpc.start()
+        return f"{self.config.host}:{port}"
+
+    async def _shutdown(self, runner: web.AppRunner) -> None:
+        """Not ready at once; keep serving for the shutdown delay (endpoints take a moment to drop this pod);
+        then stop accepting connections and finish what was accepted, within the grace period."""
+        self.draining = True
+        self.metrics.ready.set(0)
+        grace_end = time.monotonic() + self.config.grace_period_s
+        if not self._fast_stop and self.config.shutdown_delay_s > 0:
+            log.info("SIGTERM: not ready; serving %.1fs more before draining", self.config.shutdown_delay_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_forever(), self.config.shutdown_delay_s)
+        log.info("draining: %d requests in flight", self.inflight)
+        # Stop accepting connections; open ones stay until their requests finish. gRPC: no new calls (GOAWAY),
+        # calls under way may run until the grace period ends.
+        await self._sites[0].stop()
+        grpc_stopped = None
+        if self._grpc is not None:
+            grpc_stopped = asyncio.ensure_future(self._grpc.stop(max(grace_end - time.monotonic(), 0)))
+        try:
+            await asyncio.wait_for(self._drain(), max(grace_end - time.monotonic(), 0))
+            log.info("drained; exiting")
+        except TimeoutError:
+            log.warning("grace period over with %d requests in flight; answering them 503", self.inflight)
+            if self.batcher is not None:
+                self.batcher.fail_pending("shutting down: grace period over")
+                await asyncio.sleep(0)
+        if self.batcher is not None:
+            self.batcher.close()
+        if grpc_stopped is not None:
+            await grpc_stopped
+
+    async def _drain(self) -> None:
+        while self.inflight:
+            self._idle.clear()
+            await self._idle.wait()
+        # let the responses just produced be written before connections close
+        await asyncio.sleep(0)
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+def _timeout_header(request: web.Request) -> float | None:
+    """Kiln-Timeout-Ms in seconds, or None."""
+    header = request.headers.get(DEADLINE_HEADER)
+    if header is None:
+        return None
+    try:
+        ms = float(header)
+    except ValueError:
+        raise BadRequest(f"{DEADLINE_HEADER}: must be a number of milliseconds, got {header[:50]!r}") from None
+    if not ms > 0 or ms == float("inf"):
+        raise BadRequest(f"{DEADLINE_HEADER}: must be a finite number > 0, got {header[:50]!r}")
+    return ms / 1000
+
+
+@dataclass
+class Outcome:
+    """What one tracked request ended with (the status counted in the metrics; 500 unless set)."""
+
+    started: float
+    status: int = 500
+
+
+def _bound(runner: web.AppRunner) -> str:
+    addrs = runner.addresses
+    return ", ".join(f"{a[0]}:{a[1]}" for a in addrs if isinstance(a, tuple)) or "?"
+
+
+def _in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as e:
+            loop.call_soon_threadsafe(_set_exception, future, e)
+        else:
+            loop.call_soon_threadsafe(_set_result, future)
+
+    threading.Thread(target=target, name="kiln-load", daemon=True).start()
+    return future
+
+
+def _set_exception(future: asyncio.Future[None], e: BaseException) -> None:
+    if not future.done():
+        future.set_exception(e)
+
+
+def _set_result(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error as ``{"error": ...}`` JSON, including aiohttp's own (unknown route, wrong method)."""
+    try:
+        return await handler(request)
+    except RequestError as e:
+        return _error(e.status, e.message, {"Retry-After": "1"} if e.status == 503 else None)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        # The error's own headers stay (a 405's Allow, which RFC 9110 requires); only the body becomes JSON.
+        kept = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return _error(e.status, f"{e.reason}: {request.method} {request.path}", kept or None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except UsageError as e:
+        print(f"kiln-server: {e}", file=sys.stderr)
+        return ExitCode.USER_ERROR
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop  # optional: a faster event loop when installed
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        return int(runner(_main(config)))
+    except StartupError as e:
+        log.error("cannot serve: %s", e.message)
+        # Only into a file that is there (the kubelet's): run by hand as root, never create /dev/termination-log.
+        if Path(config.termination_log).exists():
+            write_termination_message(config.termination_log, termination_message(e.code, e.message))
+        return e.code
+
+
+async def _main(config: Config) -> int:
+    return await Server(config).run()
+
+
+__all__ = ["Server", "main"]

@@ -1,0 +1,197 @@
+"""Flags and environment variables. Every setting has both; a flag wins over its variable, which wins over the
+default. A bad value of either is a usage error (exit 2) naming the flag or variable and the rule."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+from kiln_artifacts.contract import TERMINATION_LOG, TERMINATION_LOG_ENV
+
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class Config:
+    model_uri: str
+    model_name: str = "model"
+    model_digest: str | None = None
+    verify: str = "full"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    grpc_port: int | None = 8081
+    metrics_port: int = 9090
+    provider: str = "auto"
+    device_id: int = 0
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    allow_spinning: bool = False
+    graph_optimization: str = "all"
+    trt_cache_dir: str = "/tmp/kiln-trt-cache"
+    instances: int = 1
+    max_batch_size: int = 32
+    text_bucket_size: int = 16
+    max_queue_delay_ms: float = 0.0
+    max_queue_size: int = 256
+    max_body_bytes: int = 8 << 20
+    default_timeout_ms: float = 0.0
+    warmup_rounds: int = 2
+    shutdown_delay_s: float = 3.0
+    grace_period_s: float = 25.0
+    log_level: str = "info"
+    termination_log: str = TERMINATION_LOG
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number 0-65535 (0: any free port)")
+    return value
+
+
+def _port_or_off(text: str) -> int | None:
+    return None if text.strip().lower() == "off" else _port(text)
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _choice(options: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _model_name(text: str) -> str:
+    if not text or len(text) > 128 or not all(c.isalnum() or c in "._-" for c in text) or not text.isascii():
+        raise ValueError("must be 1-128 ASCII letters, digits, '.', '_' or '-'")
+    return text
+
+
+# field -> (environment variable, parser, help)
+OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "model_uri": ("KILN_MODEL_URI", _text, "the model artifact (file://, pvc://, s3://; format onnx). Required"),
+    "model_name": ("KILN_MODEL_NAME", _model_name, "the name served under /v2/models/<name> (default: model)"),
+    "model_digest": ("KILN_MODEL_DIGEST", _text, "refuse to start unless the artifact has this digest (sha256:...)"),
+    "verify": ("KILN_SERVER_VERIFY", _choice(("full", "lazy")), "artifact verification: full (default) or lazy"),
+    "host": ("KILN_SERVER_HOST", _text, "address to listen on (default 0.0.0.0)"),
+    "port": ("KILN_SERVER_PORT", _port, "inference and health port (default 8080)"),
+    "grpc_port": ("KILN_SERVER_GRPC_PORT", _port_or_off, "Open Inference Protocol over gRPC (default 8081; off: none)"),
+    "metrics_port": ("KILN_SERVER_METRICS_PORT", _port, "Prometheus /metrics port (default 9090)"),
+    "provider": ("KILN_SERVER_PROVIDER", _choice(PROVIDERS), "execution provider: auto (default), cpu, cuda, tensorrt"),
+    "device_id": ("KILN_SERVER_DEVICE_ID", _non_negative_int, "GPU index for cuda/tensorrt (default 0)"),
+    "intra_op_threads": ("KILN_SERVER_INTRA_OP_THREADS", _non_negative_int, "ORT intra-op threads (0: ORT default)"),
+    "inter_op_threads": ("KILN_SERVER_INTER_OP_THREADS", _non_negative_int, "ORT inter-op threads (default 1)"),
+    "allow_spinning": ("KILN_SERVER_ALLOW_SPINNING", _bool, "let ORT worker threads spin between runs (default off)"),
+    "graph_optimization": ("KILN_SERVER_GRAPH_OPTIMIZATION", _choice(GRAPH_LEVELS), "ORT graph optimisation level"),
+    "trt_cache_dir": ("KILN_SERVER_TRT_CACHE_DIR", _text, "TensorRT engine cache (default /tmp/kiln-trt-cache)"),
+    "instances": (
+        "KILN_SERVER_INSTANCES",
+        _positive_int,
+        "batches run at the same time, each taking its share of the queue (CPU: one per core, 1 intra-op thread)",
+    ),
+    "max_batch_size": ("KILN_SERVER_MAX_BATCH_SIZE", _positive_int, "largest merged batch, in samples (default 32)"),
+    "text_bucket_size": (
+        "KILN_SERVER_TEXT_BUCKET_SIZE",
+        _non_negative_int,
+        "text batches larger than this run sorted by length in chunks of it (0: off; default 16)",
+    ),
+    "max_queue_delay_ms": ("KILN_SERVER_MAX_QUEUE_DELAY_MS", _non_negative_float, "longest wait to fill a batch"),
+    "max_queue_size": ("KILN_SERVER_MAX_QUEUE_SIZE", _positive_int, "queued requests before 429 (default 256)"),
+    "max_body_bytes": ("KILN_SERVER_MAX_BODY_BYTES", _positive_int, "largest request body (default 8 MiB)"),
+    "default_timeout_ms": ("KILN_SERVER_DEFAULT_TIMEOUT_MS", _non_negative_float, "deadline when a request has none"),
+    "warmup_rounds": ("KILN_SERVER_WARMUP_ROUNDS", _positive_int, "warm-up runs per shape before Ready (default 2)"),
+    "shutdown_delay_s": ("KILN_SERVER_SHUTDOWN_DELAY_S", _non_negative_float, "after SIGTERM: keep serving, unready"),
+    "grace_period_s": ("KILN_SERVER_GRACE_PERIOD_S", _non_negative_float, "after SIGTERM: longest drain (default 25)"),
+    "log_level": ("KILN_SERVER_LOG_LEVEL", _choice(("debug", "info", "warning", "error")), "log level (default info)"),
+    "termination_log": (TERMINATION_LOG_ENV, _text, "startup failures are written here if it exists"),
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m kiln_server", description="Kiln inference server (Open Inference Protocol).")
+    defaults = {f.name: f.default for f in fields(Config) if f.default is not MISSING}
+    for name, (env, _parse, help_text) in OPTIONS.items():
+        default = defaults.get(name)
+        shown = "" if default is None else f"; default {default}"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=f"{help_text} [${env}{shown}]")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Flags, then environment variables, then defaults. Raises UsageError naming the flag or variable."""
+    env = os.environ if env is None else env
+    args = vars(build_parser().parse_args(list(argv) if argv is not None else None))
+    values: dict[str, Any] = {}
+    for name, (var, parse, _help) in OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if args.get(name) is not None:
+            raw, where = args[name], flag
+        elif env.get(var) not in (None, ""):
+            raw, where = env[var], var
+        else:
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError as e:
+            raise UsageError(f"{where}: {e} (got {raw!r})") from None
+    if "model_uri" not in values:
+        raise UsageError("--model-uri (or $KILN_MODEL_URI) is required")
+    config = Config(**values)
+    ports = {"--port": config.port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port}
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port and port in seen:
+            raise UsageError(f"{flag}: must differ from {seen[port]} (both {port})")
+        if port:
+            seen[port] = flag
+    return config

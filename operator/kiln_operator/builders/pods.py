@@ -1,0 +1,124 @@
+"""The pod building blocks every workload shares: hardening, placement, resources, artifact volumes, the
+podTemplate merge and names. Pure, like every builder."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from kiln_artifacts.k8s import pvc_volume
+from kiln_artifacts.uri import parse_uri
+
+Obj = dict[str, Any]
+
+GPU = "nvidia.com/gpu"
+NONROOT = 65532  # the images' USER
+
+# The hardening every workload pod gets (restricted Pod Security Standard); the images run as NONROOT.
+CONTAINER_SECURITY: Obj = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+POD_SECURITY: Obj = {
+    "runAsNonRoot": True,
+    "runAsUser": NONROOT,
+    "runAsGroup": NONROOT,
+    "fsGroup": NONROOT,  # PVCs are writable by the workload
+    "fsGroupChangePolicy": "OnRootMismatch",  # no recursive chown of a large data set on every start
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+# The root filesystem is read-only: HOME, TMPDIR and caches live in this emptyDir.
+TMP_VOLUME: Obj = {"name": "tmp", "emptyDir": {}}
+TMP_MOUNT: Obj = {"name": "tmp", "mountPath": "/tmp"}
+
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def quantity(value: Any) -> float:
+    """A plain or milli Kubernetes quantity as a number ("2" -> 2.0, "500m" -> 0.5): CPU counts and metric targets."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def dns_label(name: str, prefix: str) -> str:
+    """A DNS-1035 label of at most 48 characters for an object name (a DNS-1123 subdomain, at most 48).
+
+    Service names and pod hostnames must be labels that start with a letter; names that are not get a readable
+    prefix and a hash suffix, so two objects never share children (``a.b`` and ``a-b`` differ)."""
+    if _DNS1035.match(name) and len(name) <= 48:
+        return name
+    safe = re.sub(r"[^a-z0-9-]", "-", name.lower())[:36].strip("-")
+    return f"{prefix}-{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}".replace("--", "-")
+
+
+def placement(spec: Mapping[str, Any]) -> Obj:
+    """The pod spec fields of spec.scheduling, plus the GPU toleration when GPUs are asked for."""
+    scheduling = spec.get("scheduling") or {}
+    out = {
+        k: copy.deepcopy(scheduling[k]) for k in ("nodeSelector", "affinity", "priorityClassName") if scheduling.get(k)
+    }
+    tolerations = copy.deepcopy(list(scheduling.get("tolerations") or []))
+    gpu = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
+    if (spec.get("resources") or {}).get("gpus") and gpu not in tolerations:
+        tolerations.append(gpu)
+    if tolerations:
+        out["tolerations"] = tolerations
+    return out
+
+
+def container_resources(spec: Mapping[str, Any]) -> Obj:
+    res = spec.get("resources") or {}
+    fixed = {k: res[k] for k in ("cpu", "memory") if res.get(k) is not None}
+    out: Obj = {"requests": dict(fixed), "limits": dict(fixed)} if fixed else {}
+    if res.get("gpus"):
+        # Extended resources are limits only; the request defaults to the limit.
+        out.setdefault("limits", {})[GPU] = res["gpus"]
+    return out
+
+
+def pvc_mounts(uses: Iterable[tuple[str, str, bool]]) -> tuple[list[Obj], list[Obj], list[Obj]]:
+    """Volumes, mounts and env for the pvc:// URIs among ``uses`` ((field, uri, read-only) each): each claim once,
+    read-write if any use of it writes."""
+    found: dict[str, Obj] = {}
+    for field, uri, read_only in uses:
+        if not uri or parse_uri(uri, field=field).scheme != "pvc":
+            continue
+        pv = pvc_volume(uri, read_only=read_only, field=field)
+        prev = found.get(pv["volume"]["name"])
+        if prev is None or (prev["volumeMount"]["readOnly"] and not read_only):
+            found[pv["volume"]["name"]] = pv
+    ordered = [found[k] for k in sorted(found)]
+    env = copy.deepcopy(ordered[0]["env"]) if ordered else []
+    return [pv["volume"] for pv in ordered], [pv["volumeMount"] for pv in ordered], env
+
+
+def merge(base: Any, override: Any) -> Any:
+    """A small strategic-merge: dicts merge recursively, a None value removes a key, lists whose items all have a
+    ``name`` (containers, volumes, env, volumeMounts) merge by name, other lists are replaced. Never mutates."""
+    if isinstance(base, Mapping) and isinstance(override, Mapping):
+        out = {k: copy.deepcopy(v) for k, v in base.items()}
+        for k, v in override.items():
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = merge(out[k], v) if k in out else copy.deepcopy(v)
+        return out
+    if isinstance(base, list) and isinstance(override, list) and _named(base) and _named(override):
+        by_name = {item["name"]: item for item in override}
+        out_list = [merge(item, by_name.pop(item["name"])) if item["name"] in by_name else item for item in base]
+        return copy.deepcopy(out_list) + [copy.deepcopy(item) for item in override if item["name"] in by_name]
+    return copy.deepcopy(override)
+
+
+def reassert(items: list[Obj], owned: Sequence[Obj]) -> list[Obj]:
+    """Drop the merged items that carry an owned name, then append the owned ones as built."""
+    names = {o["name"] for o in owned}
+    return [i for i in items if i.get("name") not in names] + copy.deepcopy(list(owned))
+
+
+def _named(items: list[Any]) -> bool:
+    return all(isinstance(i, Mapping) and "name" in i for i in items)

@@ -1,0 +1,111 @@
+"""TrainingJob controller: each pass runs the pure state machine (lifecycle.trainingjob.decide) on the cached
+TrainingJob, its Jobs and pods, and the trainer's latest progress, which is the one thing it reads itself.
+
+Level-based: every event of a TrainingJob, of its Jobs or of its pods asks for a pass of that TrainingJob; the
+pass looks only at the current state. Deletion is owner-reference garbage collection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from kiln_artifacts.contract import parse_progress_log
+from kiln_artifacts.uri import parse_uri
+from kiln_operator import labels
+from kiln_operator.builders import trainingjob as b
+from kiln_operator.config import Config
+from kiln_operator.controller import JobOwner, Key, trim
+from kiln_operator.kube import Client
+from kiln_operator.lifecycle import trainingjob as life
+from kiln_operator.resources import TRAINING_JOB
+
+log = logging.getLogger("kiln.trainingjob")
+
+
+class TrainingJobs(JobOwner):
+    kind = TRAINING_JOB
+    container = b.CONTAINER
+    owner_label = key_label = labels.TRAININGJOB
+
+    def __init__(self, client: Client, config: Config) -> None:
+        super().__init__(client, config)
+        self.life = config.trainingjob()
+        self.progress: dict[Key, tuple[float, dict[str, Any] | None]] = {}
+
+    @classmethod
+    def trim_pod(cls, body: kopf.Body) -> dict[str, Any]:
+        pod = trim(body)
+        kept = (labels.TRAININGJOB, labels.ATTEMPT, labels.CONTROLLER_UID)
+        pod["metadata"]["labels"] = {k: v for k, v in (pod["metadata"].get("labels") or {}).items() if k in kept}
+        return pod
+
+    def forget(self, key: Key) -> None:
+        super().forget(key)
+        self.progress.pop(key, None)
+
+    async def plan(self, key: Key, body: dict[str, Any], jobs: list[dict[str, Any]], pods: list[Any]) -> life.Plan:
+        progress = await self._progress(key, body, pods)
+        return life.decide(body, jobs, pods, progress, time.time(), self.life)
+
+    async def _progress(self, key: Key, tj: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The trainer's latest progress, read at most every progress_poll_seconds: from progress.json next to
+        the checkpoints when the operator can read that store (file://, s3://), else from rank 0's log lines.
+        None when there is no source (then no progress deadline either)."""
+        status = tj.get("status") or {}
+        if status.get("phase") not in ("Running", "Restarting", "Pending"):
+            return None
+        cached = self.progress.get(key)
+        if cached and time.monotonic() - cached[0] < self.life.progress_poll_seconds:
+            return cached[1]
+        value: dict[str, Any] | None = None
+        uri = (b.resolve_locations(tj, self.life.artifact_root).get("checkpoint") or {}).get("uri")
+        if uri and self._readable_here(uri):
+            value = await asyncio.to_thread(_read_progress_file, uri)
+        else:
+            attempt = str(status.get("attempt") or "")
+            rank0 = next(
+                (
+                    p
+                    for p in pods
+                    if p["metadata"].get("labels", {}).get(labels.ATTEMPT) == attempt
+                    and (p["metadata"].get("annotations") or {}).get(labels.COMPLETION_INDEX) == "0"
+                    and (p.get("status") or {}).get("phase") == "Running"
+                ),
+                None,
+            )
+            if rank0 is not None:
+                tail = await self.client.log_tail(key[0], rank0["metadata"]["name"], b.CONTAINER, 20)
+                # {}: a source exists, nothing reported yet (the deadline runs from the attempt's start).
+                value = (parse_progress_log(tail) if tail is not None else None) or {}
+        self.progress[key] = (time.monotonic(), value)
+        return value
+
+    def _readable_here(self, uri: str) -> bool:
+        """Whether the operator reads this store itself: file:// and s3:// always, pvc:// when the claim is mounted
+        in its pod too (an install with an artifact store, manifests/overlays/local)."""
+        parsed = parse_uri(uri)
+        if parsed.scheme == "pvc":
+            return (Path(self.config.pvc_root) / parsed.authority).is_dir()
+        return parsed.scheme in ("file", "s3")
+
+
+def _read_progress_file(uri: str) -> dict[str, Any] | None:
+    from kiln_artifacts.storage import resolve
+
+    try:
+        location = resolve(uri.rstrip("/"), field="spec.checkpoint.uri")
+        with location.fs.open(f"{location.path}/progress.json", "rb") as f:
+            value = json.loads(f.read(65536))
+    except FileNotFoundError:
+        return {}  # a source exists, nothing reported yet
+    except Exception as e:  # unreachable store, partial JSON: no news this time
+        log.debug("progress of %s unreadable: %s", uri, e)
+        return {}
+    return value if isinstance(value, dict) else {}

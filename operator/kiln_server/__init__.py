@@ -1,7 +1,0 @@
-"""kiln_server: the inference server of ModelDeployment pods (issue 8; images/server/README.md).
-
-ONNX Runtime behind the Open Inference Protocol (KServe V2) over REST, with dynamic batching, a bounded queue,
-per-request deadlines, Prometheus metrics on a separate port and a graceful shutdown. ``python -m kiln_server``.
-"""
-
-__version__ = "0.1.0"
