@@ -80,6 +80,12 @@ def owned(children: list[Obj], uid: str | None) -> list[Obj]:
     ]
 
 
+def adopted(child: Obj, owner: Obj) -> Obj:
+    """``child`` owned by ``owner`` (its controller: garbage-collected with it), in place."""
+    kopf.adopt(child, owner=owner, strict=True, nested="spec.template")
+    return child
+
+
 def material(status: Mapping[str, Any]) -> str:
     """Status without what changes with the clock alone, so a pass that learnt nothing writes nothing."""
     return json.dumps({k: v for k, v in status.items() if k != "gpuSeconds"}, sort_keys=True, default=str)
@@ -273,17 +279,16 @@ class Controller:
 
     async def create_children(self, key: Key, body: Obj, objs: list[Obj]) -> None:
         for obj in objs:
-            kopf.adopt(obj, owner=body, strict=True, nested="spec.template")
-            created = await self.client.create_or_get(obj)
-            if obj["kind"] == self.child_kind:
-                self.unseen.created(key, type(self).trim_child(created))
+            self.wrote(key, await self.client.create_or_get(adopted(obj, body)))
 
     async def apply_children(self, key: Key, body: Obj, objs: list[Obj]) -> None:
         for obj in objs:
-            kopf.adopt(obj, owner=body, strict=True, nested="spec.template")
-            applied = await self.client.apply(obj)
-            if obj["kind"] == self.child_kind:
-                self.unseen.created(key, type(self).trim_child(applied))
+            self.wrote(key, await self.client.apply(adopted(obj, body)))
+
+    def wrote(self, key: Key, child: Obj) -> None:
+        """What the API server answered to our create or apply: a watched child is seen before the watch shows it."""
+        if child.get("kind") == self.child_kind:
+            self.unseen.created(key, type(self).trim_child(child))
 
     def deleted(self, key: Key, kind: str, name: str) -> None:
         if kind == self.child_kind:
@@ -388,14 +393,11 @@ class ApplyOwner(Controller):
 
     async def apply_children(self, key: Key, body: Obj, objs: list[Obj]) -> None:
         for obj in objs:
-            kopf.adopt(obj, owner=body, strict=True, nested="spec.template")
-            mark, text = (key, obj["kind"], obj["metadata"]["name"]), json.dumps(obj, sort_keys=True)
+            mark, text = (key, obj["kind"], obj["metadata"]["name"]), json.dumps(adopted(obj, body), sort_keys=True)
             if obj["kind"] != self.child_kind and self.sent.get(mark) == text:
                 continue  # applied as is already (children other than the watched ones are not seen again)
-            applied = await self.client.apply(obj)
+            self.wrote(key, await self.client.apply(obj))
             self.sent[mark] = text
-            if obj["kind"] == self.child_kind:
-                self.unseen.created(key, type(self).trim_child(applied))
 
     def deleted(self, key: Key, kind: str, name: str) -> None:
         super().deleted(key, kind, name)
