@@ -162,3 +162,10 @@ def test_failures_retry_only_what_a_retry_can_fix(code, reason, retried):
         assert not plan.create
         assert plan.status["phase"] == "Failed"
         assert plan.status["failure"]["class"] == reason
+
+
+def test_conditions_change_at_the_time_the_pass_is_given():
+    from kiln_operator.status import rfc3339
+
+    plan = life.decide(mc(), tj(), [], [], NOW, CONFIG)
+    assert {c["lastTransitionTime"] for c in plan.status["conditions"]} == {rfc3339(NOW)}

@@ -459,3 +459,11 @@ def test_scaled_to_zero_swaps_the_revision_without_a_canary():
     plan = w.step(mc(D2))
     assert plan.status["current"]["digest"] == D2
     assert len(w.deployments) == 1
+
+
+def test_conditions_change_at_the_time_the_pass_is_given():
+    from kiln_operator.status import rfc3339
+
+    w = World(md())
+    plan = w.step(mc(D1))
+    assert {c["lastTransitionTime"] for c in plan.status["conditions"]} == {rfc3339(w.now)}

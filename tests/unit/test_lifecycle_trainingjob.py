@@ -338,3 +338,8 @@ def test_gpu_seconds_add_up_over_attempts():
         body, [job(2, ledger=life.Ledger(gpu_seconds=1000))], [pod(2, 0, "Running", started=NOW - 50)], None, NOW
     )
     assert plan.status["gpuSeconds"] == 1000 + 50 * 4
+
+
+def test_conditions_change_at_the_time_the_pass_is_given():
+    plan = life.decide(tj(), [], [], None, NOW)
+    assert {c["lastTransitionTime"] for c in plan.status["conditions"]} == {T(NOW)}

@@ -44,3 +44,26 @@ def test_input_is_not_mutated():
     snapshot = [dict(c) for c in base]
     set_condition(base, Condition("Ready", "False", "Broken"), 2, "t2")
     assert base == snapshot
+
+
+def test_the_kstatus_trio_says_one_reason_unless_one_condition_has_its_own():
+    from kiln_operator.status import kstatus
+
+    trio = kstatus("Failing", "it broke", stalled=True, own={"Reconciling": ("Done", "")})
+    assert [(c.type, c.status, c.reason, c.message) for c in trio] == [
+        ("Ready", "False", "Failing", "it broke"),
+        ("Reconciling", "False", "Done", ""),
+        ("Stalled", "True", "Failing", "it broke"),
+    ]
+
+
+def test_conditions_are_stamped_with_the_time_given_not_the_clock():
+    from kiln_operator.status import merge_conditions, parse_time, rfc3339
+
+    [c] = merge_conditions(None, [READY], 3, now=86400.0)
+    assert c["lastTransitionTime"] == "1970-01-02T00:00:00Z" == rfc3339(86400.0)
+    assert c["observedGeneration"] == 3
+    assert parse_time("1970-01-02T00:00:00Z") == 86400.0
+    assert parse_time("1970-01-02T00:00:00.500000+00:00") == 86400.5
+    assert parse_time("yesterday") is None
+    assert parse_time(None) is None
