@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.server                    # everything (creates bench/.venv-mlserver, -kserve if missing)
     .venv/bin/python -m bench.server --peers none       # raw ORT + Kiln only
     .venv/bin/python -m bench.server --peer-layout single  # peers in one worker of 2 threads (not like for like)
+    .venv/bin/python -m bench.server --monitoring       # Kiln with monitoring off vs on (+ payload log at 10 %)
 
 Run from the repository root: the model is made with the tests' own helpers (tests/support/server.py).
 
@@ -486,6 +487,7 @@ class Server:
         self.served_dir = cwd / f"served-{name}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
 
     def processes(self) -> list[tuple[int, str, float]]:
         """(pid, command, CPU seconds so far) of every process in the server's session (its workers included)."""
@@ -542,7 +544,9 @@ def peer_layout(args: argparse.Namespace) -> tuple[int, int]:
     return 1, args.threads
 
 
-def kiln_server(work: Path, uri: str, args: argparse.Namespace) -> Server:
+def kiln_server(
+    work: Path, uri: str, args: argparse.Namespace, name: str = "kiln", extra: tuple[str, ...] = ()
+) -> Server:
     port, gport, mport = free_port(), free_port(), free_port()
     env = {
         **os.environ,
@@ -554,9 +558,10 @@ def kiln_server(work: Path, uri: str, args: argparse.Namespace) -> Server:
            "--intra-op-threads", str(kiln_threads(args)),
            "--instances", str(args.kiln_instances), "--max-batch-size", str(args.max_batch),
            "--max-queue-delay-ms", str(args.max_delay_ms), "--max-queue-size", "1024", "--shutdown-delay-s", "0",
-           "--log-level", "warning"]  # fmt: skip
-    server = Server("kiln", cmd, port, "/v2/models/minilm/infer", f"http://127.0.0.1:{port}/v2/health/ready", env, work)
+           "--log-level", "warning", *extra]  # fmt: skip
+    server = Server(name, cmd, port, "/v2/models/minilm/infer", f"http://127.0.0.1:{port}/v2/health/ready", env, work)
     server.grpc_port = gport
+    server.metrics_port = mport
     return server
 
 
@@ -644,7 +649,18 @@ def main() -> int:
         "each peer runs one session of --threads threads in one worker",
     )
     p.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    p.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="instead of the comparison with peers: Kiln with --monitoring off against the same server with "
+        "monitoring on and the payload log at 10 %%, side by side (throughput at saturation and the ratio, RSS "
+        "after a short and a long run, detection delay of a shifted stream)",
+    )
+    p.add_argument("--monitoring-concurrency", default="32,128", help="--monitoring: closed-loop clients per level")
+    p.add_argument("--soak-seconds", type=float, default=120.0, help="--monitoring: the long run, at saturation")
     args = p.parse_args()
+    if args.monitoring:
+        return monitoring_main(args)
     levels = [int(x) for x in args.concurrency.split(",")]
     peers = [] if args.peers == "none" else args.peers.split(",")
     started = time.monotonic()
@@ -813,6 +829,203 @@ def main() -> int:
             f"kiln at half saturation ({h['rate']:.0f} req/s, open loop, {arrivals} arrivals): p50 {h['p50']:.1f} ms, "
             f"p99 {h['p99']:.1f} ms, p99/p50 = {h['p99'] / h['p50']:.2f} (target <= 3), errors {int(h['errors'])}"
         )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- monitoring
+def rss_mib(server: Server) -> float:
+    """Resident memory of the server's process, MiB."""
+    assert server.proc is not None
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scrape(server: Server) -> dict[str, float]:
+    """Every sample of the server's /metrics as ``name{label=value,...}`` -> value (labels sorted)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model")
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def drift(server: Server) -> tuple[float, dict[str, float]]:
+    """(samples in the window, score by signal)."""
+    m = scrape(server)
+    scores = {k.split("signal=")[1].rstrip("}"): v for k, v in m.items() if k.startswith("kiln_server_drift_score")}
+    return m["kiln_server_drift_window_samples{}"], scores
+
+
+def infer_texts(server: Server, texts: list[str]) -> None:
+    body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}{server.path}", body.encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        r.read()
+
+
+def detection_delay(server: Server, stream: list[str], threshold: float, step: int) -> dict[str, int | None]:
+    """Samples of `stream` sent (`step` per request, the window full of in-distribution traffic before) until
+    each signal's score is over `threshold`; None for a signal that never crossed."""
+    crossed: dict[str, int | None] = {}
+    sent = 0
+    for start in range(0, len(stream), step):
+        infer_texts(server, stream[start : start + step])
+        sent += len(stream[start : start + step])
+        _, scores = drift(server)
+        for name, score in scores.items():
+            if score > threshold and crossed.get(name) is None:
+                crossed[name] = sent
+        if crossed and all(crossed.get(s) is not None for s in ("tokens", "prediction")):
+            break
+    return {s: crossed.get(s) for s in sorted(scores)}
+
+
+def cpu_seconds(server: Server) -> float:
+    """CPU seconds the server's processes have used so far."""
+    return sum(cpu for _, _, cpu in server.processes())
+
+
+def answered(server: Server) -> float:
+    """Inference requests the server has answered so far (its own counter: warm-ups of the load included)."""
+    return sum(v for k, v in scrape(server).items() if k.startswith("kiln_server_requests_total"))
+
+
+def turn(work: Path, server: Server, clients: int, seconds: float, warmup: float) -> dict[str, Any]:
+    """One closed-loop turn, with the CPU time the server spent and the requests it answered meanwhile."""
+    cpu, done = cpu_seconds(server), answered(server)
+    run = run_load(work, server.port, server.path, mode="closed", clients=clients, warmup=warmup, seconds=seconds)
+    return {**run, "cpu": cpu_seconds(server) - cpu, "answered": answered(server) - done}
+
+
+def monitoring_main(args: argparse.Namespace) -> int:
+    """The same Kiln server with monitoring off and on (+ the payload log at 10 %), in one run.
+
+    On a machine shared with other work, throughput swings by tens of percent from one turn to the next, far more
+    than the few percent to be measured; the turns alternate between the two servers so the swings weigh on both
+    alike, and each turn also records the CPU time the server spent per request it answered: at saturation a
+    CPU-bound server's throughput is its cores over that cost, so the ratio of the costs is the throughput ratio
+    that an otherwise idle machine would show, and it hardly moves with the other work."""
+    from tests.support.server import nonwords, reviews, text_artifact
+
+    started = time.monotonic()
+    levels = [int(x) for x in args.monitoring_concurrency.split(",")]
+    work = Path(args.work or tempfile.mkdtemp(prefix="kiln-bench-monitoring-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "loadgen.py").write_text(LOADGEN)
+    log(f"work folder {work}; load average {loadavg()}; {os.cpu_count()} CPUs")
+    log("building the MiniLM ONNX artifact with its reference profile (tests/support/server.py)")
+    uri, _ = text_artifact(str(work / "artifacts"))
+    payloads = work / "payloads"
+    on_args = ("--monitoring", "on", "--payload-log-rate", "0.1", "--payload-log-uri", f"file://{payloads}",
+               "--revision", "bench")  # fmt: skip
+    names = ("off", "on")
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {n: {} for n in names}
+    soaked: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    rss: dict[str, dict[str, float]] = {n: {} for n in names}
+    rss_series: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    with contextlib.ExitStack() as stack:
+        servers = {
+            "off": stack.enter_context(kiln_server(work, uri, args, "kiln-monitoring-off", ("--monitoring", "off"))),
+            "on": stack.enter_context(kiln_server(work, uri, args, "kiln-monitoring-on", on_args)),
+        }
+        for name, server in servers.items():
+            rss[name]["ready"] = rss_mib(server)
+        for r in range(args.rounds):
+            for c in levels:
+                # Turns alternate which goes first, so a machine that drifts weighs on both alike.
+                for name in names if r % 2 == 0 else names[::-1]:
+                    run = turn(work, servers[name], c, args.seconds / args.rounds, 1.0)
+                    results[name].setdefault(c, []).append(run)
+                    log(f"round {r + 1} {name:3s} clients {c:4d}: {run['rps']:7.1f} req/s  p50 {run['p50']:6.1f} ms"
+                        f"  CPU {1000 * run['cpu'] / run['answered']:.2f} ms/request  ({loadavg()})")  # fmt: skip
+        for name, server in servers.items():
+            rss[name]["short"] = rss_mib(server)
+        # The long run: both at saturation, in alternating turns, memory sampled after each.
+        chunk, t0 = 15.0, time.monotonic()
+        for k in range(max(1, round(args.soak_seconds / chunk))):
+            for name in names if k % 2 == 0 else names[::-1]:
+                run = turn(work, servers[name], max(levels), chunk, 0.0)
+                soaked[name].append(run)
+                rss_series[name].append((time.monotonic() - t0, rss_mib(servers[name])))
+            log(f"long run {time.monotonic() - t0:5.0f} s: RSS off {rss_series['off'][-1][1]:.1f} MiB, on "
+                f"{rss_series['on'][-1][1]:.1f} MiB; req/s off {soaked['off'][-1]['rps']:.1f}, on "
+                f"{soaked['on'][-1]['rps']:.1f}")  # fmt: skip
+        for name, server in servers.items():
+            rss[name]["long"] = rss_mib(server)
+        on_metrics = scrape(servers["on"])
+        served = {name: answered(server) for name, server in servers.items()}
+
+    # Detection delay: a fresh monitored server (defaults: window 1000, 200 samples for a verdict, threshold 0.2)
+    # whose window is first filled with in-distribution traffic, then a shifted stream.
+    delays: dict[str, dict[str, int | None]] = {}
+    calm: dict[str, float] = {}
+    with kiln_server(work, uri, args, "kiln-drift", ("--monitoring", "on")) as server:
+        texts = reviews(1000, seed=7)
+        for start in range(0, len(texts), 20):
+            infer_texts(server, texts[start : start + 20])
+        _, calm = drift(server)
+        log("in distribution, window full: " + ", ".join(f"{k} {v:.3f}" for k, v in calm.items()))
+        delays["non-words (all)"] = detection_delay(server, nonwords(1000, seed=8), 0.2, 10)
+        log(f"non-words: {delays['non-words (all)']}")
+        for start in range(0, 1000, 20):  # the window back to in-distribution traffic
+            infer_texts(server, reviews(20, seed=100 + start))
+        mixed = [w if i % 2 else r for i, (w, r) in enumerate(zip(nonwords(1000, 9), reviews(1000, 9), strict=True))]
+        delays["half non-words"] = detection_delay(server, mixed, 0.2, 10)
+        log(f"half non-words: {delays['half non-words']}")
+
+    def cost(runs: list[dict[str, Any]]) -> float:
+        """CPU milliseconds per request answered, over the runs."""
+        return 1000 * sum(r["cpu"] for r in runs) / sum(r["answered"] for r in runs)
+
+    print()
+    print("## Monitoring cost: Kiln with monitoring off vs on (+ payload log at 10 %), MiniLM, CPU")
+    total = time.monotonic() - started
+    print(f"host: {os.cpu_count()} CPUs, load average at the end {loadavg()}; total run {total:.0f} s")
+    print(f"kiln: --instances {args.kiln_instances} --intra-op-threads {kiln_threads(args)} --max-batch-size "
+          f"{args.max_batch}; on: {' '.join(on_args[:4])} (default window 1000, every batch observed); "
+          f"{args.rounds} rounds of {args.seconds / args.rounds:.1f} s turns per level, alternating")  # fmt: skip
+    print()
+    print("| clients | off req/s | on req/s | on/off | median of paired on/off | off CPU ms/req | on CPU ms/req | "
+          "off/on CPU |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    rows = [(str(c), results["off"][c], results["on"][c]) for c in levels]
+    rows.append((f"{max(levels)} (long run)", soaked["off"], soaked["on"]))
+    for label, off_runs, on_runs in rows:
+        off_rps = sum(r["rps"] * r["seconds"] for r in off_runs) / sum(r["seconds"] for r in off_runs)
+        on_rps = sum(r["rps"] * r["seconds"] for r in on_runs) / sum(r["seconds"] for r in on_runs)
+        paired = statistics.median(b["rps"] / a["rps"] for a, b in zip(off_runs, on_runs, strict=True))
+        print(f"| {label} | {off_rps:.1f} | {on_rps:.1f} | {on_rps / off_rps:.3f} | {paired:.3f} | "
+              f"{cost(off_runs):.2f} | {cost(on_runs):.2f} | {cost(off_runs) / cost(on_runs):.3f} |")  # fmt: skip
+    sat = [r for c in levels for r in results["off"][c]] + soaked["off"]
+    sat_on = [r for c in levels for r in results["on"][c]] + soaked["on"]
+    measured = sum(r["rps"] for r in sat_on) / sum(r["rps"] for r in sat)
+    print(f"throughput at saturation, on/off: {measured:.3f} as measured (every turn; this machine's other work "
+          f"makes single turns swing by tens of %), {cost(sat) / cost(sat_on):.3f} from the CPU cost per request "
+          "(target >= 0.97)")  # fmt: skip
+    print()
+    for name in names:
+        print(f"RSS MiB, {name}: ready {rss[name]['ready']:.1f}, after the rounds {rss[name]['short']:.1f}, after "
+              f"{args.soak_seconds:.0f} s more at saturation {rss[name]['long']:.1f} "
+              f"({rss[name]['long'] - rss[name]['short']:+.1f}); {served[name]:.0f} requests answered")  # fmt: skip
+        print("  during the long run (s, MiB): " + ", ".join(f"{t:.0f} {m:.1f}" for t, m in rss_series[name]))
+    print(f"on: payload records published {on_metrics['kiln_server_payload_log_records_total{}']:.0f} in "
+          f"{on_metrics['kiln_server_payload_log_batches_total{}']:.0f} batches, dropped "
+          f"{on_metrics['kiln_server_payload_log_dropped_total{}']:.0f}; window "
+          f"{on_metrics['kiln_server_drift_window_samples{}']:.0f} samples")  # fmt: skip
+    print()
+    print("in-distribution scores with a full window (1000): " + ", ".join(f"{k} {v:.3f}" for k, v in calm.items()))
+    for shift, crossed in delays.items():
+        shown = ", ".join(f"{s} {'never' if n is None else n}" for s, n in crossed.items())
+        print(f"detection delay, {shift}: samples until over 0.2: {shown}")
     return 0
 
 

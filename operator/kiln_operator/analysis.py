@@ -1,5 +1,6 @@
-"""Canary analysis input: the inference server's request count, 5xx count and p95 latency for one revision of a
-ModelDeployment over a recent window.
+"""What the operator reads of the inference servers: for canary analysis, one revision's request count, 5xx
+count, p95 latency and answers by class over a recent window; for monitoring, each server's drift gauges (its
+window against the model's reference profile).
 
 Two sources, one result (`Sample`):
 
@@ -29,6 +30,13 @@ log = logging.getLogger("kiln.analysis")
 
 REQUESTS = "kiln_server_requests_total"
 DURATION_BUCKET = "kiln_server_request_duration_seconds_bucket"
+PREDICTIONS = "kiln_server_predictions_total"
+DRIFT_SCORE = "kiln_server_drift_score"
+DRIFT_THRESHOLD = "kiln_server_drift_threshold"
+WINDOW_SAMPLES = "kiln_server_drift_window_samples"
+MIN_SAMPLES = "kiln_server_drift_min_samples"
+ANOMALIES = "kiln_server_anomalies_total"
+REFERENCE_INFO = "kiln_server_reference_info"
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
@@ -39,10 +47,23 @@ class Sample:
     requests: float  # inference requests answered in the window (all codes)
     errors: float  # of them with a 5xx code
     p95_ms: float | None  # p95 request latency in ms; None when there were no requests
+    predictions: Mapping[str, float] | None = None  # answers by predicted class, when asked for
 
     @property
     def error_rate(self) -> float:
         return self.errors / self.requests if self.requests > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class PodDrift:
+    """One server's drift figures (its own window against its reference), as its gauges say now."""
+
+    samples: float
+    min_samples: float
+    reference: str  # artifact, uri or traffic ("" when the server has none yet)
+    scores: Mapping[str, float]
+    thresholds: Mapping[str, float]
+    anomalies: Mapping[str, float]
 
 
 class AnalysisUnavailable(Exception):
@@ -82,6 +103,11 @@ def promql_queries(selector: Mapping[str, str], window_s: float) -> tuple[str, s
     )
 
 
+def prediction_query(selector: Mapping[str, str], window_s: float) -> str:
+    """Answers by predicted class over the last `window_s` seconds."""
+    return f"sum by (class) (increase({PREDICTIONS}{promql_selector(selector)}[{max(1, int(window_s))}s]))"
+
+
 class Prometheus:
     """A client of one Prometheus server's query API; one HTTP session, opened on first use."""
 
@@ -118,6 +144,38 @@ class Prometheus:
         if p95 is not None and math.isnan(p95):  # histogram_quantile of empty buckets
             p95 = None
         return Sample(requests, errors or 0.0, p95)
+
+    async def predictions(self, selector: Mapping[str, str], window_s: float) -> dict[str, float]:
+        """Answers by predicted class in the window."""
+        out: dict[str, float] = {}
+        for series in await self.query(prediction_query(selector, window_s)):
+            try:
+                value = float(series["value"][1])
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue
+            if math.isfinite(value):
+                out[str(series.get("metric", {}).get("class", ""))] = value
+        return out
+
+    async def drift(self, selector: Mapping[str, str]) -> list[PodDrift]:
+        """Each pod's drift gauges, as Prometheus last scraped them."""
+        sel = promql_selector(selector)
+        names = (DRIFT_SCORE, DRIFT_THRESHOLD, WINDOW_SAMPLES, MIN_SAMPLES, ANOMALIES, REFERENCE_INFO)
+        results = await asyncio.gather(*(self.query(f"{n}{sel}") for n in names), return_exceptions=True)
+        samples: list[tuple[str, dict[str, str], float]] = []
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result
+            for series in result:
+                try:
+                    metric, value = dict(series["metric"]), float(series["value"][1])
+                except (KeyError, IndexError, TypeError, ValueError):
+                    continue
+                samples.append((name, metric, value))
+        by_pod: dict[str, list[tuple[str, dict[str, str], float]]] = {}
+        for name, metric, value in samples:
+            by_pod.setdefault(metric.get("pod") or metric.get("instance", ""), []).append((name, metric, value))
+        return [d for rows in by_pod.values() if (d := _pod_drift(rows)) is not None]
 
     async def query(self, promql: str) -> list[dict[str, Any]]:
         """The result vector of an instant query at the current time."""
@@ -170,15 +228,51 @@ class Counters:
     requests: float
     errors: float
     buckets: tuple[tuple[float, float], ...]  # (le, cumulative count), sorted by le, +Inf last; summed over label sets
+    predictions: tuple[tuple[str, float], ...] = ()  # (class, cumulative answers), sorted by class
+    drift: PodDrift | None = None  # None: the server does not monitor
+
+
+def _pod_drift(rows: Iterable[tuple[str, Mapping[str, str], float]]) -> PodDrift | None:
+    """A PodDrift from one server's (metric name, labels, value) samples; None without a window gauge."""
+    samples = min_samples = None
+    reference = ""
+    scores: dict[str, float] = {}
+    thresholds: dict[str, float] = {}
+    anomalies: dict[str, float] = {}
+    for name, metric, value in rows:
+        if name == WINDOW_SAMPLES:
+            samples = (samples or 0.0) + value
+        elif name == MIN_SAMPLES:
+            min_samples = value
+        elif name == REFERENCE_INFO and value > 0:
+            reference = metric.get("source", "")
+        elif name == DRIFT_SCORE and math.isfinite(value):
+            scores[metric.get("signal", "")] = value
+        elif name == DRIFT_THRESHOLD:
+            thresholds[metric.get("signal", "")] = value
+        elif name == ANOMALIES:
+            kind = metric.get("kind", "")
+            anomalies[kind] = anomalies.get(kind, 0.0) + value
+    if samples is None:
+        return None
+    return PodDrift(samples, min_samples or 0.0, reference, scores, thresholds, anomalies)
 
 
 def parse_counters(text: str) -> Counters:
-    """The request counters and latency buckets in a /metrics page, summed over their label sets (models)."""
+    """The request counters, latency buckets and answers by class in a /metrics page, summed over their label sets
+    (models), and the drift gauges."""
     requests = errors = 0.0
     buckets: dict[float, float] = {}
+    predictions: dict[str, float] = {}
+    drift: list[tuple[str, Mapping[str, str], float]] = []
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == REQUESTS:
+            if s.name in (DRIFT_SCORE, DRIFT_THRESHOLD, WINDOW_SAMPLES, MIN_SAMPLES, ANOMALIES, REFERENCE_INFO):
+                drift.append((s.name, s.labels, s.value))
+            elif s.name == PREDICTIONS:
+                cls = s.labels.get("class", "")
+                predictions[cls] = predictions.get(cls, 0.0) + s.value
+            elif s.name == REQUESTS:
                 requests += s.value
                 code = s.labels.get("code", "")
                 if len(code) == 3 and code.startswith("5"):  # the same rule as code=~"5.."
@@ -186,7 +280,9 @@ def parse_counters(text: str) -> Counters:
             elif s.name == DURATION_BUCKET:
                 le = float(s.labels["le"])
                 buckets[le] = buckets.get(le, 0.0) + s.value
-    return Counters(requests, errors, tuple(sorted(buckets.items())))
+    return Counters(
+        requests, errors, tuple(sorted(buckets.items())), tuple(sorted(predictions.items())), _pod_drift(drift)
+    )
 
 
 # `timeout` bounds each HTTP request (an aiohttp setting), as Prometheus' scrape_timeout does, not the call.
@@ -224,6 +320,8 @@ def _went_down(now: Counters, before: Counters) -> bool:
     """Whether a counter decreased since `before`: the pod restarted (same URL, new process) and began again."""
     if now.requests < before.requests or now.errors < before.errors:
         return True
+    if any(c < dict(before.predictions).get(k, 0.0) for k, c in now.predictions):
+        return True
     old = dict(before.buckets)
     # A bucket layout that changed also means a new process; treat it as a reset rather than subtract mismatches.
     return set(old) != {le for le, _ in now.buckets} or any(c < old[le] for le, c in now.buckets)
@@ -236,6 +334,7 @@ def since(now: Mapping[str, Counters], baseline: Mapping[str, Counters]) -> Samp
     went down (a restart lost the counts before it; what it has now all happened in the window)."""
     requests = errors = 0.0
     buckets: dict[float, float] = {}
+    predictions: dict[str, float] = {}
     for url, current in now.items():
         before = baseline.get(url)
         if before is None or _went_down(current, before):
@@ -245,8 +344,11 @@ def since(now: Mapping[str, Counters], baseline: Mapping[str, Counters]) -> Samp
         errors += current.errors - before.errors
         for le, count in current.buckets:
             buckets[le] = buckets.get(le, 0.0) + count - old.get(le, 0.0)
+        answered = dict(before.predictions)
+        for cls, count in current.predictions:
+            predictions[cls] = predictions.get(cls, 0.0) + count - answered.get(cls, 0.0)
     p95 = quantile(0.95, buckets.items()) if requests > 0 else None
-    return Sample(requests, errors, None if p95 is None else p95 * 1000)
+    return Sample(requests, errors, None if p95 is None else p95 * 1000, predictions or None)
 
 
 def quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:

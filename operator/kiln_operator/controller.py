@@ -205,6 +205,7 @@ class Controller:
         self.unseen.forget(key)
         self.queue.forget(key)
         self._unfollow(key)
+        metrics.objects.forget(self.kind.kind, *key)  # a deleted object's series go with it
 
     def observe(self, body: kopf.Body | Mapping[str, Any], event_type: str | None) -> Key:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
@@ -215,6 +216,9 @@ class Controller:
         old = self.objects.get(key)
         if old is None or _rv(snapshot) >= _rv(old):
             self.objects[key] = snapshot
+            # Every version the cache takes, the watch's and our own status writes (write_status observes what
+            # the API answered): the object's series, and the transitions its counters count, once each.
+            metrics.objects.update(self.kind.kind, old, snapshot)
         self._unfollow(key)
         ref = self.source_ref(body)
         if ref is not None:

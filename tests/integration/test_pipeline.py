@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import yaml
 from support.cluster import PERMISSION_ERROR, REAL_NODE, REPO, RESTRICTED, Cluster
+from support.dashboards import check_queries, panel_queries, write_rule_file
 from support.prometheus import require_prometheus, run_prometheus
 from support.server import Broken, onnx_artifact_of
 from support.waiting import wait_for
@@ -39,6 +40,7 @@ from kiln_artifacts import samples
 T = TypeVar("T")
 OPERATOR = ("-n", "kiln-system", "-l", "app.kubernetes.io/name=kiln-operator")
 DATASET = "pvc://kiln-store/datasets/digits"
+DRIFT_ALERT = "KilnModelDrift"
 
 
 @dataclass
@@ -125,6 +127,18 @@ def demo(cluster: Cluster, crds: None) -> Iterator[Demo]:
     docs = [d for d in render(cluster, "manifests/overlays/local-samples") if d["kind"] != "Namespace"]
     for d in docs:
         d["metadata"]["namespace"] = ns
+        if d["kind"] == "ModelDeployment":  # the test's pace: verdicts from a few hundred requests, read often
+            d["spec"]["monitoring"] = {
+                "windowSamples": 300,
+                "minSamples": 100,
+                "intervalSeconds": 5,
+                "payloadLog": {
+                    "rate": 0.5,
+                    "uri": f"pvc://kiln-store/payloads/{ns}",
+                    "batchRecords": 50,
+                    "batchSeconds": 5,
+                },
+            }
     store = Path(cluster.kubeconfig).parent / "real-node/volumes/shared"
     d = Demo(cluster, ns, store, docs)
     try:
@@ -256,6 +270,107 @@ def test_one_apply_trains_compresses_promotes_and_serves_through_an_operator_res
     assert (logits.argmax(1) == labels[:16]).mean() >= 0.8
     for pod in demo.items("pods", "kiln.dev/modeldeployment=classifier"):
         assert pod["spec"]["nodeName"] == REAL_NODE
+
+
+def test_the_served_model_is_watched_against_its_training_reference(served: Demo, tmp_path: Path):
+    """Digits like the evaluation set keep Drifting False; inverted digits turn it True within one window, with the
+    numbers in its message, an Event, and the shipped drift alert active in a real Prometheus that evaluates the
+    shipped rules on the real pods; the payload log's batches load as verified dataset artifacts whose records are
+    what was sent."""
+    require_prometheus()
+    demo = served
+    current = demo.status("md/classifier")["current"]
+    images, _ = samples.load_idx_dataset(demo.load(DATASET).root, "test")
+    url = service_url(demo)
+    sent: dict[str, dict[str, Any]] = {}
+
+    def send(batch: np.ndarray, tag: str) -> None:
+        for i in range(0, len(batch), 8):
+            body = {**request_for(batch[i : i + 8]), "id": f"{tag}-{i}"}
+            code, answer = post(url, body)
+            assert code == 200, answer
+            sent[body["id"]] = body
+
+    def drifting(status: str) -> Callable[[], dict[str, Any] | None]:
+        def probe() -> dict[str, Any] | None:
+            st = demo.status("md/classifier")
+            return st if condition(st, "Drifting").get("status") == status else None
+
+        return probe
+
+    discovery = {"job_name": "kiln-server", "file_sd_configs": [{"files": [str(tmp_path / "pods.json")]}]}
+    with (
+        PodTargets(demo, tmp_path / "pods.json"),
+        run_prometheus(
+            tmp_path, [], discovery=discovery, expected=2, rule_files=[write_rule_file(tmp_path / "rules.yml")]
+        ) as prom,
+    ):
+        send(images[:640], "calm")
+        st = demo.wait(drifting("False"), what="Drifting False on digits like the evaluation set", timeout=120)
+        mon = st["monitoring"]
+        assert mon["reference"] == "artifact", mon  # the compressor's profile of its evaluation set
+        assert mon["revision"] == current["revision"]
+        assert mon["samples"] >= 2 * 100, mon
+        assert {s["name"] for s in mon["signals"]} >= {"prediction", "confidence", "channel0_mean", "channel0_std"}
+        assert not [s for s in mon["signals"] if s["drifting"]], mon
+        calm = {s["name"]: s["score"] for s in mon["signals"]}
+
+        started = time.monotonic()
+        send(255 - images[640:1400], "shifted")  # white digits on black: another domain for the same model
+        st = demo.wait(drifting("True"), what="Drifting True on inverted digits", timeout=120)
+        demo.facts["drift_detected_seconds"] = round(time.monotonic() - started, 1)
+        drift = condition(st, "Drifting")
+        assert drift["reason"] == "DriftDetected"
+        assert "channel0_mean" in drift["message"], drift
+        assert "samples" in drift["message"], drift
+        shifted = {s["name"]: s for s in st["monitoring"]["signals"]}
+        assert shifted["channel0_mean"]["drifting"], shifted
+        assert shifted["channel0_mean"]["score"] > 0.5, shifted
+        assert shifted["channel0_mean"]["score"] > 3 * calm["channel0_mean"]
+        assert condition(st, "Ready")["status"] == "True"  # drift never takes a model out of service
+        events = demo.cluster.get("events", "-n", demo.ns, "--field-selector", "involvedObject.name=classifier")
+        assert any(e["reason"] == "DriftDetected" for e in events["items"]), [e["reason"] for e in events["items"]]
+
+        def alert() -> dict[str, Any] | None:
+            query = f'ALERTS{{alertname="{DRIFT_ALERT}",namespace="{demo.ns}"}}'
+            doc = json.loads(urllib.request.urlopen(f"{prom}/api/v1/query?" + urlencode({"query": query})).read())
+            return doc["data"]["result"][0]["metric"] if doc["data"]["result"] else None
+
+        active = demo.wait(alert, what=f"{DRIFT_ALERT} pending or firing in Prometheus", timeout=120)
+        assert active["alertstate"] in ("pending", "firing"), active
+        demo.facts["drift_alert"] = active["alertstate"]
+    check_payload_log(demo, current["digest"], sent)
+
+
+def check_payload_log(demo: Demo, digest: str, sent: dict[str, dict[str, Any]]) -> None:
+    """The serving pods' payload log: verified dataset artifacts in the shared store, each record one of the
+    requests sent, with its inputs as sent and the model that answered."""
+    prefix = f"pvc://kiln-store/payloads/{demo.ns}"
+
+    def batches() -> list[ka.ArtifactInfo] | None:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("KILN_PVC_ROOT", str(demo.store))
+            found = ka.list_artifacts(prefix)
+        # rate 0.5 of ~140 requests in batches of 50 records or 5 s: several batches once the last one is due
+        return found if len(found) >= 2 else None
+
+    infos = demo.wait(batches, what="payload-log batches in the store", timeout=60)
+    logged = []
+    for info in infos:
+        art = demo.load(info.uri)  # verified against its manifest's digests
+        assert (art.manifest.kind, art.manifest.format) == ("dataset", "jsonl")
+        assert art.manifest.lineage.parents == (digest,)
+        logged += [json.loads(line) for line in art.read_bytes("records.jsonl").decode().splitlines()]
+    assert len(logged) >= 20, len(logged)
+    assert len({r["request_id"] for r in logged}) == len(logged)  # no record twice
+    for record in logged:
+        body = sent[record["request_id"]]
+        assert record["model_digest"] == digest
+        tensor = body["inputs"][0]
+        pixels = np.asarray(record["inputs"]["pixel_values"], dtype=np.float32)
+        np.testing.assert_array_equal(pixels.ravel(), np.asarray(tensor["data"], dtype=np.float32))
+        assert list(pixels.shape) == tensor["shape"]
+    demo.facts["payload_log"] = {"batches": len(infos), "records": len(logged), "sent": len(sent)}
 
 
 def test_a_trainer_pod_deleted_mid_run_checkpoints_and_the_next_attempt_resumes(served: Demo):
@@ -393,14 +508,17 @@ class PodTargets(Background):
     to a file_sd file from the API server's pod list every second (Debian's Prometheus is built without the
     Kubernetes discovery), with the target labels the operator's queries select on."""
 
-    def __init__(self, demo: Demo, path: Path) -> None:
-        self.demo, self.path = demo, path
+    def __init__(self, demo: Demo, path: Path, operator: bool = False) -> None:
+        self.demo, self.path, self.operator = demo, path, operator
         self.tick()
 
     every = 1.0
 
     def tick(self) -> None:
         targets = []
+        if self.operator and (pod := operator_pod(self.demo.cluster)) and pod["status"].get("podIP"):
+            # No namespace target label: the operator's series carry their objects' namespaces.
+            targets.append({"targets": [f"{pod['status']['podIP']}:9090"], "labels": {"pod": pod["metadata"]["name"]}})
         for pod in self.demo.items("pods", "kiln.dev/modeldeployment=classifier"):
             ip, labels = pod["status"].get("podIP"), pod["metadata"]["labels"]
             if pod["status"].get("phase") != "Running" or not ip or pod["metadata"].get("deletionTimestamp"):
@@ -444,9 +562,10 @@ def test_a_new_training_run_is_canaried_on_prometheus_and_a_broken_candidate_rol
     demo.wait(lambda: demo.status("md/classifier").get("readyReplicas") == 2, what="2 replicas ready", timeout=180)
     gateway = "10.244.0.1"  # the real node's bridge on this machine: the operator's pod reaches Prometheus there
     discovery = {"job_name": "kiln-server", "file_sd_configs": [{"files": [str(tmp_path / "pods.json")]}]}
+    rules = write_rule_file(tmp_path / "rules.yml")
     with (
-        PodTargets(demo, tmp_path / "pods.json"),
-        run_prometheus(tmp_path, [], discovery=discovery, expected=2, listen=gateway) as prom,
+        PodTargets(demo, tmp_path / "pods.json", operator=True),
+        run_prometheus(tmp_path, [], discovery=discovery, expected=3, listen=gateway, rule_files=[rules]) as prom,
     ):
         demo.cluster.kubectl(
             "set", "env", "-n", "kiln-system", "deployment/kiln-operator", f"KILN_PROMETHEUS_URL={prom}"
@@ -544,6 +663,13 @@ def test_a_new_training_run_is_canaried_on_prometheus_and_a_broken_candidate_rol
         result = json.loads(urllib.request.urlopen(f"{prom}/api/v1/query?" + urlencode({"query": query})).read())
         errors = {r["metric"].get("kiln_dev_revision"): float(r["value"][1]) for r in result["data"]["result"]}
         assert set(errors) <= {broken.digest[7:17]}, errors
+        # Every panel of the shipped dashboards answers on what Prometheus scraped of the real operator and servers
+        # after a whole pipeline, canary and rollback: no panel ships broken.
+        queries = panel_queries()
+        assert len(queries) > 40
+        failures = check_queries(prom, queries)
+        assert not failures, failures
+        demo.facts["dashboard_queries"] = len(queries)
     print(f"\npipeline figures: {json.dumps(demo.facts)}")
 
 

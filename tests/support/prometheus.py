@@ -41,6 +41,27 @@ def require_prometheus() -> str:
     pytest.skip("prometheus not installed: hack/prometheus.sh")
 
 
+def promtool_binary() -> str | None:
+    """$KILN_PROMTOOL, else the one hack/prometheus.sh unpacked beside prometheus (Debian's package ships both),
+    else one on PATH."""
+    if os.environ.get("KILN_PROMTOOL"):
+        return os.environ["KILN_PROMTOOL"]
+    cached = CACHED.with_name("promtool")
+    if os.access(cached, os.X_OK):
+        return str(cached)
+    return shutil.which("promtool")
+
+
+def require_promtool() -> str:
+    """The binary; without one a test skips, except under CI, where hack/test.sh must have fetched it."""
+    binary = promtool_binary()
+    if binary:
+        return binary
+    if os.environ.get("CI"):
+        pytest.fail("promtool not installed under CI: hack/prometheus.sh should have fetched it")
+    pytest.skip("promtool not installed: hack/prometheus.sh")
+
+
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
@@ -62,11 +83,12 @@ def run_prometheus(
     discovery: Mapping[str, object] | None = None,
     expected: int | None = None,
     listen: str = "127.0.0.1",
+    rule_files: Sequence[Path] = (),
 ) -> Iterator[str]:
     """Prometheus scraping `targets` ((host:port, target labels) pairs) every `scrape_interval`, or the targets a
     `discovery` scrape config finds (`expected` of them); yields its base URL once it is ready and has scraped every
     target successfully, and stops it (SIGTERM, then SIGKILL) on exit. It listens on `listen` (loopback, or an
-    address of this machine that pods reach)."""
+    address of this machine that pods reach). `rule_files` are evaluated every `scrape_interval` too."""
     binary = prometheus_binary()
     if binary is None:
         raise RuntimeError("prometheus not installed: hack/prometheus.sh")
@@ -75,7 +97,12 @@ def run_prometheus(
     work.mkdir(parents=True)
     config = {
         # scrape_timeout defaults to 10s, which Prometheus refuses when it is longer than the interval.
-        "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval},
+        "global": {
+            "scrape_interval": scrape_interval,
+            "scrape_timeout": scrape_interval,
+            "evaluation_interval": scrape_interval,
+        },
+        "rule_files": [str(p) for p in rule_files],
         "scrape_configs": [
             dict(discovery)
             if discovery

@@ -1,8 +1,11 @@
 """Helpers for the server tests: small real models as kiln ONNX artifacts, and real server processes.
 
 Artifacts follow the serving contract (docs/server.md): ``model.onnx``, ``kiln-model.json`` and, for
-text, the tokenizer files. They are built once per test process (``functools.cache`` on the session's base temp
-folder), because exporting MiniLM takes seconds.
+text, the tokenizer files, and the reference profile (``kiln-profile.json``) that the trainer would record: built
+with ``kiln_artifacts.profile`` on the data the model is evaluated on (image: the packaged digits' test split,
+normalised as the trainer feeds them; text: `reviews`), by running the exported ONNX model on it. They are built
+once per test process (``functools.cache`` on the session's base temp folder), because exporting MiniLM takes
+seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import functools
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -37,6 +41,8 @@ SENTENCES = [
     "",
 ]
 TEXT_MAX_LEN = 64
+DIGIT_LABELS = [str(i) for i in range(10)]
+TEXT_LABELS = ["neg", "pos"]
 
 
 def server_env() -> dict[str, str]:
@@ -74,14 +80,125 @@ def _one_torch_thread() -> Iterator[None]:
 
 @functools.cache
 def image_artifact(root: str) -> tuple[str, Path]:
-    """A KilnCNN for 8x8 digits (random weights, seed 0) as an artifact: (uri, local path of model.onnx)."""
+    """A KilnCNN for 8x8 digits (random weights, seed 0) as an artifact with its reference profile: (uri, local
+    path of model.onnx)."""
     import torch
 
     from kiln_artifacts.models import KilnCNN
 
     torch.manual_seed(0)
     with _one_torch_thread():
-        return onnx_artifact_of(root, KilnCNN(10).eval())
+        return onnx_artifact_of(root, KilnCNN(10).eval(), profile=True)
+
+
+@functools.cache
+def image_artifact_without_profile(root: str) -> str:
+    """The same model as `image_artifact`, published without a profile (an imported model): its uri."""
+    src = Path(root) / "image-plain-src"
+    src.mkdir(parents=True, exist_ok=True)
+    model = image_artifact(root)[1]
+    for name in ("model.onnx", "kiln-model.json"):
+        shutil.copy(model.parent / name, src / name)
+    return _publish(src, Path(root) / "image-model-plain", "image-classification")
+
+
+@functools.cache
+def digits_pixels() -> tuple[np.ndarray, np.ndarray]:
+    """The packaged digits as the trainer feeds them (``x / 127.5 - 1``, float32 [n, 1, 8, 8]): (the test split,
+    every 5th image as ``samples.digits_dataset`` splits them, which the profile is made of; the other images,
+    traffic from the same distribution)."""
+    from kiln_artifacts.samples import read_digits
+
+    images, _ = read_digits()
+    x = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(-1, 1, 8, 8).astype(np.float32) / 127.5 - 1.0
+    test = np.arange(len(x)) % 5 == 4
+    return x[test], x[~test]
+
+
+def _session(model_path: Path) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+
+
+def image_profile(model_path: Path) -> Any:
+    """The reference profile of the image model on the digits' test split."""
+    from kiln_artifacts import profile as P
+
+    pixels, _ = digits_pixels()
+    logits = _session(model_path).run(["logits"], {"pixel_values": pixels})[0]
+    features = {**P.output_features(logits), **P.image_features(pixels)}
+    return P.build("image-classification", features, DIGIT_LABELS, {"dataset": "digits (test split)"})
+
+
+_OPENERS = ["The", "Our", "This", "That", "My"]
+_THINGS = ["film", "meal", "book", "hotel room", "concert", "service", "show", "trip", "phone", "course", "album"]
+_GOOD = ["great", "wonderful", "excellent", "lovely", "superb", "delightful", "fine", "brilliant", "charming"]
+_BAD = ["terrible", "awful", "horrible", "dreadful", "poor", "disappointing", "bland", "boring", "overpriced"]
+_MORE = [
+    "and the staff were friendly",
+    "but the ending dragged on",
+    "and I would happily go again",
+    "although the price was far too high",
+    "and the music was loud",
+    "but nobody answered my emails",
+    "and everything arrived on time",
+    "though the first hour was slow",
+    "and my friends loved it too",
+]
+
+
+def reviews(n: int, seed: int) -> list[str]:
+    """Short English reviews of one to three clauses: the text model's evaluation data (seed 0) and, with other
+    seeds, traffic from the same distribution."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        text = f"{rng.choice(_OPENERS)} {rng.choice(_THINGS)} was {rng.choice(_GOOD + _BAD)}"
+        for _ in range(rng.randrange(3)):
+            text += ", " + rng.choice(_MORE)
+        out.append(text + ".")
+    return out
+
+
+def nonwords(n: int, seed: int) -> list[str]:
+    """Another domain: sentences of random pronounceable non-words, which the tokenizer splits into many pieces."""
+    rng = random.Random(seed)
+    consonants, vowels = "bcdfghjklmnpqrstvwxz", "aeiou"
+
+    def word() -> str:
+        return "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.randrange(2, 5)))
+
+    return [" ".join(word() for _ in range(rng.randrange(4, 9))) for _ in range(n)]
+
+
+def text_profile(src: Path) -> Any:
+    """The reference profile of the text model in `src` on ``reviews(400, seed=0)``, tokenized as the server
+    does (the artifact's tokenizer.json, truncation to TEXT_MAX_LEN, padding per batch)."""
+    from tokenizers import Tokenizer
+
+    from kiln_artifacts import profile as P
+
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(TEXT_MAX_LEN)
+    sess = _session(src / "model.onnx")
+    texts = reviews(400, seed=0)
+    parts = []
+    for start in range(0, len(texts), 50):
+        enc = tok.encode_batch(texts[start : start + 50])
+        width = max(len(e.ids) for e in enc)
+        ids = np.zeros((len(enc), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, e in enumerate(enc):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = e.attention_mask
+        logits = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask, "token_type_ids": 0 * ids})[0]
+        parts.append({**P.token_features(ids, mask, tok.token_to_id("[UNK]")), **P.output_features(logits)})
+    features = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return P.build("text-classification", features, TEXT_LABELS, {"dataset": "reviews(400, seed=0)"})
 
 
 class Broken:
@@ -104,9 +221,12 @@ class Broken:
         return Module().eval()
 
 
-def onnx_artifact_of(root: str, model: Any) -> tuple[str, Path]:
-    """`model` exported to ONNX and published as an artifact under `root`: (uri, local path of model.onnx)."""
+def onnx_artifact_of(root: str, model: Any, profile: bool = False) -> tuple[str, Path]:
+    """`model` exported to ONNX and published as an artifact under `root` (with its reference profile on the
+    digits if `profile`): (uri, local path of model.onnx)."""
     import torch
+
+    from kiln_artifacts.profile import PROFILE_FILE
 
     src = Path(root) / "image-src"
     src.mkdir(parents=True, exist_ok=True)
@@ -122,8 +242,11 @@ def onnx_artifact_of(root: str, model: Any) -> tuple[str, Path]:
             dynamo=False,
             opset_version=17,
         )
-    spec = {"task": "image-classification", "labels": [str(i) for i in range(10)], "imageShape": [1, 8, 8]}
+    spec = {"task": "image-classification", "labels": DIGIT_LABELS, "imageShape": [1, 8, 8]}
     (src / "kiln-model.json").write_text(json.dumps({**spec, "precision": "fp32"}))
+    (src / PROFILE_FILE).unlink(missing_ok=True)
+    if profile:
+        image_profile(src / "model.onnx").write(src)
     uri = _publish(src, Path(root) / "image-model", "image-classification")
     return uri, src / "model.onnx"
 
@@ -176,8 +299,9 @@ def _text_artifact(root: str) -> tuple[str, np.ndarray]:
         )
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(base / name, src / name)
-    spec = {"task": "text-classification", "labels": ["neg", "pos"], "maxSequenceLength": TEXT_MAX_LEN}
+    spec = {"task": "text-classification", "labels": TEXT_LABELS, "maxSequenceLength": TEXT_MAX_LEN}
     (src / "kiln-model.json").write_text(json.dumps({**spec, "precision": "fp32"}))
+    text_profile(src).write(src)
     tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     hf.eval()  # the exporter restores the mode it found; be explicit: no dropout in the reference
     with torch.no_grad():
@@ -192,7 +316,10 @@ def _text_artifact(root: str) -> tuple[str, np.ndarray]:
 class ServerProcess:
     """``python -m kiln_server`` on loopback, with its log in a file."""
 
-    def __init__(self, tmp: Path, model_uri: str, *args: str, name: str = "m") -> None:
+    def __init__(
+        self, tmp: Path, model_uri: str, *args: str, name: str = "m", env: dict[str, str] | None = None
+    ) -> None:
+        self.env = env or {}
         self.port = free_port()
         self.grpc_port = free_port()
         self.metrics_port = free_port()
@@ -228,7 +355,9 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.args, env=server_env(), stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.args, env={**server_env(), **self.env}, stdout=log, stderr=subprocess.STDOUT
+            )
         return self
 
     @property

@@ -41,3 +41,32 @@ def load_weights(folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "model.safetensors"))
+
+
+TEXT_SIGNALS = {"prediction", "confidence", "tokens", "unknown_tokens"}
+GRAY_SIGNALS = {"prediction", "confidence", "channel0_mean", "channel0_std"}
+
+
+def published_profile(uri: str, task: str, samples: int, signals: set[str]) -> Any:
+    """The reference profile of a published model artifact (trainer or compressor), after the checks every one
+    must pass: listed in the manifest (so covered by the digest) and verified with it, named by the annotation,
+    valid, one count per evaluation sample in every signal, kilobytes."""
+    import kiln_artifacts as ka
+    from kiln_artifacts import profile
+
+    art = ka.load(uri, verify="full")
+    assert profile.PROFILE_FILE in art.files
+    assert art.manifest.annotations[profile.PROFILE_ANNOTATION] == profile.PROFILE_FILE
+    path = art.path(profile.PROFILE_FILE)
+    assert path.stat().st_size < 16_000
+    prof = profile.Profile.from_json(json.loads(path.read_text()))
+    assert (prof.task, prof.samples) == (task, samples)
+    assert set(prof.signals) == signals
+    for name, signal in prof.signals.items():
+        assert sum(signal.counts) == samples, name
+    conf = prof.signals["confidence"]
+    assert 1 / len(prof.signals["prediction"].labels) - 1e-9 <= conf.min <= conf.max <= 1 + 1e-9
+    assert prof.source["from"] == "evaluation"
+    assert prof.source["dataset"] == art.manifest.lineage.dataset.uri
+    assert prof.source["datasetDigest"] == art.manifest.lineage.dataset.revision
+    return prof

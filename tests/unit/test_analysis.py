@@ -24,6 +24,7 @@ from support.waiting import wait_for
 from kiln_operator.analysis import (
     AnalysisUnavailable,
     Counters,
+    PodDrift,
     Prometheus,
     Sample,
     parse_counters,
@@ -153,6 +154,83 @@ def test_parse_counters_sums_label_sets_and_counts_only_5xx():
         ]
     )
     assert parse_counters(text + "\n") == Counters(13, 5, ((0.1, 7), (INF, 13)))
+
+
+DRIFT_PAGE = "\n".join(
+    [
+        "# TYPE kiln_server_predictions_total counter",
+        'kiln_server_predictions_total{model="m",class="pos"} 30.0',
+        'kiln_server_predictions_total{model="m",class="neg"} 10.0',
+        "# TYPE kiln_server_drift_score gauge",
+        'kiln_server_drift_score{model="m",signal="prediction"} 0.25',
+        'kiln_server_drift_score{model="m",signal="confidence"} 0.05',
+        "# TYPE kiln_server_drift_threshold gauge",
+        'kiln_server_drift_threshold{model="m",signal="prediction"} 0.2',
+        "# TYPE kiln_server_drift_window_samples gauge",
+        'kiln_server_drift_window_samples{model="m"} 640.0',
+        "# TYPE kiln_server_drift_min_samples gauge",
+        'kiln_server_drift_min_samples{model="m"} 200.0',
+        "# TYPE kiln_server_anomalies_total counter",
+        'kiln_server_anomalies_total{model="m",kind="low_confidence"} 4.0',
+        "# TYPE kiln_server_reference_info gauge",
+        'kiln_server_reference_info{model="m",source="traffic"} 1.0',
+    ]
+)
+
+
+def test_parse_counters_reads_answers_by_class_and_the_drift_gauges():
+    c = parse_counters(DRIFT_PAGE + "\n")
+    assert c.predictions == (("neg", 10.0), ("pos", 30.0))
+    assert c.drift == PodDrift(
+        640.0, 200.0, "traffic", {"prediction": 0.25, "confidence": 0.05}, {"prediction": 0.2}, {"low_confidence": 4.0}
+    )
+    assert parse_counters('kiln_server_requests_total{code="200"} 1\n').drift is None  # monitoring off
+    later = Counters(50, 0, (), (("neg", 12.0), ("pos", 58.0)))
+    assert since({"u": later}, {"u": c}).predictions == {"neg": 2.0, "pos": 28.0}
+    restarted = Counters(60, 0, (), (("neg", 3.0), ("pos", 2.0)))  # a count went down: a new process
+    assert since({"u": restarted}, {"u": c}).predictions == {"neg": 3.0, "pos": 2.0}
+
+
+def test_prometheus_drift_groups_gauges_by_pod_and_predictions_by_class():
+    sel = {"namespace": "ns", "kiln_dev_revision": "r"}
+
+    def series(value: str, **labels: str) -> dict[str, Any]:
+        return {"metric": labels, "value": [1700000000.0, value]}
+
+    def vector(*items: dict[str, Any]) -> str:
+        return json.dumps({"status": "success", "data": {"resultType": "vector", "result": list(items)}})
+
+    answers = {
+        "kiln_server_drift_score": vector(
+            series("0.3", pod="a", signal="prediction"), series("0.1", pod="b", signal="prediction")
+        ),
+        "kiln_server_drift_threshold": vector(series("0.2", pod="a", signal="prediction")),
+        "kiln_server_drift_window_samples": vector(series("500", pod="a"), series("300", pod="b")),
+        "kiln_server_drift_min_samples": vector(series("200", pod="a"), series("200", pod="b")),
+        "kiln_server_anomalies_total": vector(series("2", pod="a", kind="low_confidence")),
+        "kiln_server_reference_info": vector(series("1", pod="a", source="artifact")),
+    }
+
+    async def main() -> None:
+        async def answer(query: str) -> tuple[int, str]:
+            if query.startswith("sum by (class)"):
+                return 200, vector(series("12", **{"class": "pos"}), series("NaN", **{"class": "neg"}))
+            return 200, answers.get(query.split("{")[0], vector())
+
+        async with canned_prometheus(answer) as (url, seen):
+            prom = Prometheus(url)
+            try:
+                pods = sorted(await prom.drift(sel), key=lambda d: d.samples)
+                assert [d.samples for d in pods] == [300, 500]
+                assert pods[1].scores == {"prediction": 0.3}
+                assert pods[1].reference == "artifact"
+                assert pods[0].scores == {"prediction": 0.1}
+                assert all('kiln_dev_revision="r"' in q for q in seen)
+                assert await prom.predictions(sel, 90) == {"pos": 12.0}  # NaN: no answer to count
+            finally:
+                await prom.close()
+
+    asyncio.run(main())
 
 
 # ------------------------------------------------------------------ Prometheus client against canned answers

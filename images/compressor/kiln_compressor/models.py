@@ -181,6 +181,25 @@ def feeds(source: Source, x: Any, max_length: int, names: tuple[str, ...] | None
     return {"pixel_values": pixels.astype(np.float32)}
 
 
+def input_features(source: Source, f: dict[str, Any]) -> dict[str, Any]:
+    """The reference profile's input signals of one batch of `feeds`, equal to what the server computes from live
+    requests: text, the tokens per input and the unknown-token share from the padded ids and their attention mask
+    (the server tokenizes each text without padding, which gives the same counts); images, the per-channel
+    statistics of ``pixel_values`` (what a client sends)."""
+    from kiln_artifacts import profile
+
+    if source.text:
+        import numpy as np
+
+        tok = source.tokenizer()
+        ids = f["input_ids"]
+        mask = f.get("attention_mask")
+        if mask is None:  # a tokenizer without a mask pads with its pad token
+            mask = ids != tok.pad_token_id if tok.pad_token_id is not None else np.ones_like(ids)
+        return profile.token_features(ids, mask, tok.unk_token_id)
+    return profile.image_features(f["pixel_values"])
+
+
 def build_torch(source: Source) -> Any:
     """The source as an eval-mode torch module ``forward(*inputs) -> logits`` (inputs in source.input_names order)."""
     import torch

@@ -15,7 +15,7 @@ from typing import Any
 
 from kiln_artifacts.contract import ParityError, UserError
 
-from .models import Data, Source, feeds, torch_logits
+from .models import Data, Source, feeds, input_features, torch_logits
 
 log = logging.getLogger("kiln_compressor")
 
@@ -82,14 +82,29 @@ def session(path: Path, provider: str, threads: int = 0, level: str = "All", pro
     return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
 
-def onnx_logits(sess: Any, source: Source, x: Any, max_length: int, batch: int = 64) -> Any:
+def onnx_logits(
+    sess: Any,
+    source: Source,
+    x: Any,
+    max_length: int,
+    batch: int = 64,
+    features: list[dict[str, Any]] | None = None,
+) -> Any:
+    """Logits of the session over ``x``; with ``features``, each batch's input signals (`input_features`) are
+    appended to it, computed from the very inputs the session was fed."""
     import numpy as np
 
     names = tuple(i.name for i in sess.get_inputs())
+    wanted = names
+    if source.text and "attention_mask" in source.tokenizer().model_input_names:
+        # The token counts need the attention mask, whether or not the optimised graph still takes it.
+        wanted = tuple(dict.fromkeys((*names, "input_ids", "attention_mask")))
     out = []
     for start in range(0, len(x), batch):
-        f = feeds(source, x[start : start + batch], max_length, names)
-        out.append(np.asarray(sess.run(["logits"], f)[0], dtype=np.float32))
+        f = feeds(source, x[start : start + batch], max_length, wanted)
+        out.append(np.asarray(sess.run(["logits"], {n: f[n] for n in names})[0], dtype=np.float32))
+        if features is not None:
+            features.append(input_features(source, f))
     return np.concatenate(out)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln_artifacts.contract import (
     ExitCode,
@@ -36,6 +36,9 @@ from kiln_artifacts.contract import (
 
 from .config import STEP_FIELDS, TORCH_STEPS, Config, Step, parse_config
 from .report import shrink
+
+if TYPE_CHECKING:
+    from kiln_artifacts.profile import Profile
 
 log = logging.getLogger("kiln_compressor")
 CACHE_VERSION = "kiln-compressor-cache-v1"
@@ -164,6 +167,7 @@ class Candidate:
     summary: dict[str, Any] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, int] = field(default_factory=dict)  # the served files (kiln-report.json excluded): bytes
+    profile: Profile | None = None  # its reference profile, from its own logits on the evaluation data
 
     @property
     def passed(self) -> bool:
@@ -530,6 +534,34 @@ class Compressor:
         else:
             info["imageShape"] = list(self.source.image_shape or ())
         (folder / "kiln-model.json").write_text(json.dumps(info, indent=2) + "\n")
+        if cand.profile is not None:
+            cand.profile.write(folder)
+
+    def _profile(self, cand: Candidate, logits: Any, batches: list[dict[str, Any]]) -> Profile:
+        """The candidate's reference profile: its own ONNX Runtime outputs on the evaluation data, and the inputs'
+        signals as the server computes them from live requests (`models.input_features`)."""
+        import numpy as np
+
+        from kiln_artifacts import profile
+
+        cfg = self.cfg
+        inputs = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+        source = {
+            "from": "evaluation",
+            "dataset": self.data.uri,
+            "split": self.data.split,
+            "outputs": "candidate",
+            "candidate": cand.name,
+            "precision": cand.precision,
+            "runtime": "onnxruntime",
+            "executionProvider": cfg.provider,
+        }
+        if self.data.digest:
+            source["datasetDigest"] = self.data.digest
+        if cand.model_source.text:
+            source["maxSequenceLength"] = str(cfg.max_sequence_length)  # token counts are cut here, as served
+        features = {**profile.output_features(logits), **inputs}
+        return profile.build(self.source.task, features, labels=self.source.classes, source=source)
 
     def _measure(self, cand: Candidate, baseline: dict[str, Any]) -> None:
         import onnx
@@ -538,8 +570,13 @@ class Compressor:
 
         cfg = self.cfg
         sess = onnx_steps.session(cand.path, cfg.provider, cfg.threads)
-        logits = onnx_steps.onnx_logits(sess, cand.model_source, self.data.x, cfg.max_sequence_length)
+        batches: list[dict[str, Any]] = []
+        logits = onnx_steps.onnx_logits(sess, cand.model_source, self.data.x, cfg.max_sequence_length, features=batches)
         del sess
+        try:
+            cand.profile = self._profile(cand, logits, batches)
+        except ValueError as e:  # non-finite outputs: the candidate is still measured, and its gates say the rest
+            log.warning("candidate %s: no reference profile: %s", cand.name, e)
         quality = measure.compare(cfg.metric, self.source_logits, logits, self.data.y)
         # The source's fp32 export and the candidate, timed interleaved on the target provider.
         src_bench, bench = measure.benchmark(
@@ -683,6 +720,7 @@ class Compressor:
 
     def _publish(self, cand: Candidate, report: dict[str, Any]) -> dict[str, Any]:
         import kiln_artifacts as ka
+        from kiln_artifacts.profile import PROFILE_ANNOTATION, PROFILE_FILE
 
         cfg = self.cfg
         folder = cand.path.parent / "package"
@@ -718,6 +756,9 @@ class Compressor:
             },
             libraries=self._versions(),
         )
+        annotations = {"kiln.dev/precision": cand.precision, "kiln.dev/gates-passed": str(cand.passed).lower()}
+        if (folder / PROFILE_FILE).is_file():
+            annotations[PROFILE_ANNOTATION] = PROFILE_FILE
         try:
             art = ka.publish(
                 folder,
@@ -727,7 +768,7 @@ class Compressor:
                 task=self.source.task,
                 metrics=metrics,
                 lineage=lineage,
-                annotations={"kiln.dev/precision": cand.precision, "kiln.dev/gates-passed": str(cand.passed).lower()},
+                annotations=annotations,
                 progress=lambda p: log.info("publish: %s %s", p.phase, p.path or ""),
             )
         except ka.ArtifactExistsError as e:

@@ -11,30 +11,37 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
 from aiohttp import web
 
 from kiln_artifacts.contract import ExitCode, termination_message, write_termination_message
 
 from . import __version__
+from .access import AccessLog
 from .batcher import Batcher
 from .config import Config, UsageError, parse_config
 from .errors import BadRequest, RequestError, StartupError, Unavailable
-from .grpc_service import GrpcService
-from .metrics import Metrics
+from .metrics import Metrics, MonitorMetrics
 from .model import Model
+from .monitor import Monitor, create_monitor, model_labels
+from .payload import PayloadLog
 from .protocol import InferRequest, OutputTensor, encode_response, error_body, parse_infer_request
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger("kiln_server")
 
 JSON = "application/json"
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 DEADLINE_HEADER = "Kiln-Timeout-Ms"
+REQUEST_ID_HEADER = "X-Request-Id"
+MAX_REQUEST_ID = 256
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
@@ -59,11 +66,25 @@ class Server:
         self._fast_stop = False
         self._sites: list[web.BaseSite] = []
         self._grpc: grpc.aio.Server | None = None
+        self.monitor_metrics = MonitorMetrics(self.metrics) if config.monitoring else None
+        self.monitor: Monitor | None = None
+        self.payload_log: PayloadLog | None = None
+        self.access_log = (
+            AccessLog(
+                config.access_log_rate,
+                model=config.model_name,
+                digest=lambda: self.model.digest,
+                deployment=config.deployment,
+                revision=config.revision,
+            )
+            if config.access_log_rate > 0
+            else None
+        )
 
     # ------------------------------------------------------------------ state
     @property
     def ready(self) -> bool:
-        return self.model.ready and not self.draining
+        return self.model.ready and self.batcher is not None and not self.draining
 
     def check_model(self, name: str, version: str | None) -> None:
         if name != self.model.name:
@@ -87,7 +108,9 @@ class Server:
         return _json({"ready": False, "reason": self.not_ready_reason()}, 503)
 
     def not_ready_reason(self) -> str:
-        return "shutting down" if self.draining else self.model.not_ready_reason or "not ready"
+        if self.draining:
+            return "shutting down"
+        return self.model.not_ready_reason or ("starting" if self.batcher is None else "not ready")
 
     async def model_ready(self, request: web.Request) -> web.Response:
         self._check_model(request)
@@ -129,9 +152,10 @@ class Server:
         )
 
     @contextlib.contextmanager
-    def tracked(self) -> Iterator[Outcome]:
-        """Count one inference request (REST or gRPC) in flight and, when done, in the metrics with its status."""
-        outcome = Outcome(asyncio.get_running_loop().time())
+    def tracked(self, protocol: str = "rest") -> Iterator[Outcome]:
+        """Count one inference request (REST or gRPC) in flight and, when done, in the metrics with its status
+        (and in the access log, if sampled)."""
+        outcome = Outcome(asyncio.get_running_loop().time(), protocol=protocol)
         self.inflight += 1
         self._idle.clear()
         self.metrics.inflight.inc()
@@ -141,17 +165,34 @@ class Server:
             self.inflight -= 1
             self.metrics.inflight.dec()
             self.metrics.request(outcome.status)
-            self.metrics.request_duration.observe(asyncio.get_running_loop().time() - outcome.started)
+            latency = asyncio.get_running_loop().time() - outcome.started
+            self.metrics.request_duration.observe(latency)
+            if self.access_log is not None and self.access_log.sampled():
+                self.access_log.emit(
+                    time=time.time(),
+                    request_id=outcome.ensure_id(),
+                    protocol=outcome.protocol,
+                    latency_s=latency,
+                    status=outcome.status,
+                    batch_size=outcome.batch_size,
+                    samples=outcome.samples,
+                )
             if self.inflight == 0:
                 self._idle.set()
 
-    async def predict(self, parsed: InferRequest, deadline: float | None) -> list[OutputTensor]:
+    async def predict(
+        self, parsed: InferRequest, deadline: float | None, outcome: Outcome | None = None
+    ) -> list[OutputTensor]:
         """Validate a parsed request against the model, queue it, wait for its rows (at most until ``deadline``,
         loop time) and return its outputs."""
         if not self.model.ready or self.batcher is None:
             raise Unavailable(f"model {self.model.name!r} is not ready ({self.not_ready_reason()})")
         payload, size = self.model.prepare(parsed)
-        future = self.batcher.submit(payload, size, deadline)
+        if outcome is not None:
+            outcome.samples = size
+            if parsed.id:  # the Open Inference Protocol's own request id wins over the transport's
+                outcome.request_id = parsed.id[:MAX_REQUEST_ID]
+        future = self.batcher.submit(payload, size, deadline, outcome)
         if deadline is None:
             logits = await future
         else:
@@ -159,6 +200,9 @@ class Server:
                 logits = await asyncio.wait_for(future, max(deadline - asyncio.get_running_loop().time(), 0))
             except TimeoutError:
                 raise RequestError("deadline exceeded", 504) from None
+        log_ = self.payload_log
+        if log_ is not None and log_.sampled():
+            log_.offer(outcome.ensure_id() if outcome is not None else _new_id(), parsed.inputs, logits)
         return self.model.outputs_for(logits, parsed)
 
     def deadline(self, started: float, seconds: float | None, timeout_us: int | None) -> float | None:
@@ -170,9 +214,12 @@ class Server:
         return started + min(limits) if limits else None
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
-        with self.tracked() as outcome:
+        with self.tracked("rest") as outcome:
+            header_id = request.headers.get(REQUEST_ID_HEADER)
+            if header_id:
+                outcome.request_id = header_id[:MAX_REQUEST_ID]
             try:
-                response = await self._infer(request, outcome.started)
+                response = await self._infer(request, outcome)
             except RequestError as e:
                 outcome.status = e.status
                 return _error(e.status, e.message, {"Retry-After": "1"} if e.status in (429, 503) else None)
@@ -182,7 +229,7 @@ class Server:
             outcome.status = response.status
             return response
 
-    async def _infer(self, request: web.Request, started: float) -> web.Response:
+    async def _infer(self, request: web.Request, outcome: Outcome) -> web.Response:
         self._check_model(request)
         if not self.model.ready or self.batcher is None:
             raise Unavailable(f"model {self.model.name!r} is not ready ({self.not_ready_reason()})")
@@ -207,7 +254,8 @@ class Server:
             except ValueError:
                 raise BadRequest(f"Inference-Header-Content-Length: not an integer: {header[:50]!r}") from None
         parsed = parse_infer_request(body, header_length)
-        outputs = await self.predict(parsed, self.deadline(started, _timeout_header(request), parsed.timeout_us))
+        deadline = self.deadline(outcome.started, _timeout_header(request), parsed.timeout_us)
+        outputs = await self.predict(parsed, deadline, outcome)
         binary = {o.name: (parsed.outputs or {}).get(o.name, parsed.binary_output) for o in outputs}
         try:
             body_out, head_len = encode_response(self.model.name, self.model.version, parsed.id, outputs, binary)
@@ -228,6 +276,8 @@ class Server:
     async def metrics_handler(self, _request: web.Request) -> web.Response:
         if self.batcher is not None:
             self.metrics.queue_depth.set(self.batcher.depth)
+        if self.monitor is not None:
+            self.monitor.update_metrics()  # drift scores are computed here, at scrape time, not per request
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
     # -------------------------------------------------------------- lifecycle
@@ -281,7 +331,7 @@ class Server:
                 self.config.model_uri,
             )
             # Load in a daemon thread: /v2/health/live answers meanwhile, and SIGTERM need not wait for it.
-            loaded = _in_daemon_thread(self.model.load)
+            loaded = _in_daemon_thread(self._load)
             stop_wait = asyncio.ensure_future(self._stop.wait())
             await asyncio.wait([loaded, stop_wait], return_when=asyncio.FIRST_COMPLETED)
             if not loaded.done():
@@ -301,6 +351,8 @@ class Server:
                 metrics=self.metrics,
             )
             self.batcher.start()
+            if self.payload_log is not None:
+                self.payload_log.start()
             self.metrics.ready.set(1 if self.model.ready else 0)
             if self.model.ready:
                 log.info("ready: model %r, providers %s", self.model.name, self.model.providers)
@@ -314,11 +366,65 @@ class Server:
             await metrics_runner.cleanup()
             if self.batcher is not None:
                 await self.batcher.stop()
+            if self.payload_log is not None:  # after an error: what can be written in a moment, is
+                await asyncio.get_running_loop().run_in_executor(None, self.payload_log.close, 2.0)
+
+    def _load(self) -> None:
+        """The model, then its monitoring (the reference may be another artifact to read): in the load thread,
+        before the server reports ready."""
+        self.model.load()
+        config = self.config
+        if self.monitor_metrics is None:
+            if config.payload_log_rate > 0:
+                log.warning("--payload-log-rate: ignored, monitoring is off (--monitoring off)")
+            return
+        assert self.model.spec is not None
+        monitor = create_monitor(config, self.model, self.monitor_metrics)
+        if config.payload_log_rate > 0:
+            assert config.payload_log_uri is not None
+            if config.payload_log_queue < config.payload_log_batch_records:
+                log.warning(
+                    "--payload-log-queue %d is under --payload-log-batch-records %d: batches are published by time "
+                    "only, never full",
+                    config.payload_log_queue,
+                    config.payload_log_batch_records,
+                )
+            self.payload_log = PayloadLog(
+                uri=config.payload_log_uri,
+                rate=config.payload_log_rate,
+                batch_records=config.payload_log_batch_records,
+                batch_seconds=config.payload_log_batch_seconds,
+                queue=config.payload_log_queue,
+                redact=config.payload_log_redact,
+                hash_inputs=config.payload_log_hash,
+                model_name=self.model.name,
+                model_digest=self.model.digest,
+                model_uri=self.model.uri,
+                task=self.model.spec.task,
+                labels=model_labels(self.model) if self.model.spec.labels else None,
+                deployment=config.deployment,
+                revision=config.revision,
+                metrics=self.monitor_metrics,
+            )
+            log.info(
+                "payload log: %.0f%% of requests to %s, in batches of %d records or %gs",
+                100 * config.payload_log_rate,
+                config.payload_log_uri,
+                config.payload_log_batch_records,
+                config.payload_log_batch_seconds,
+            )
+        self.monitor = monitor
+        self.model.monitor = monitor
 
     async def _start_grpc(self) -> str:
         """The gRPC endpoint on its own port (grpcio's asyncio server, on this event loop); "off" when disabled."""
         if self.config.grpc_port is None:
             return "off"
+        # Imported only when served: a server with --grpc-port off runs where grpcio is not installed.
+        import grpc
+
+        from .grpc_service import GrpcService
+
         self._grpc = grpc.aio.server(
             handlers=[GrpcService(self).handler()],
             options=[
@@ -367,6 +473,11 @@ class Server:
             self.batcher.close()
         if grpc_stopped is not None:
             await grpc_stopped
+        if self.payload_log is not None:
+            # Every answered request is in the log's queue now: publish the partial batch before exiting.
+            flush = max(grace_end - time.monotonic(), 2.0)
+            log.info("payload log: publishing %d held records", self.payload_log.held)
+            await asyncio.get_running_loop().run_in_executor(None, self.payload_log.close, flush)
 
     async def _drain(self) -> None:
         while self.inflight:
@@ -396,10 +507,25 @@ def _timeout_header(request: web.Request) -> float | None:
 
 @dataclass
 class Outcome:
-    """What one tracked request ended with (the status counted in the metrics; 500 unless set)."""
+    """What one tracked request ended with (the status counted in the metrics; 500 unless set), and what the
+    access log says of it."""
 
     started: float
     status: int = 500
+    protocol: str = "rest"
+    request_id: str | None = None
+    batch_size: int = 0  # samples in the executed batch the request rode in
+    samples: int = 0  # the request's own
+
+    def ensure_id(self) -> str:
+        """The request id: the request's own (OIP ``id``, else X-Request-Id), else one made up now, once."""
+        if not self.request_id:
+            self.request_id = _new_id()
+        return self.request_id
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
 
 
 def _bound(runner: web.AppRunner) -> str:

@@ -36,6 +36,8 @@ class Job:
     enqueued: float
     deadline: float | None = None
     started: float = field(default=0.0)
+    # Told the size of the batch the job ran in (its ``batch_size`` attribute), for the access log.
+    outcome: Any = None
 
 
 class Batcher:
@@ -73,14 +75,17 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, payload: Any, size: int, deadline: float | None) -> asyncio.Future[np.ndarray]:
-        """Queue one request (``size`` samples); raises Overloaded at once when the queue is full."""
+    def submit(
+        self, payload: Any, size: int, deadline: float | None, outcome: Any = None
+    ) -> asyncio.Future[np.ndarray]:
+        """Queue one request (``size`` samples); raises Overloaded at once when the queue is full. ``outcome``, if
+        given, gets the executed batch's size in its ``batch_size`` attribute."""
         if self._closed:
             raise Unavailable("shutting down")
         if len(self._queue) >= self.max_queue_size:
             raise Overloaded(f"queue full ({self.max_queue_size} requests waiting); retry later")
         loop = asyncio.get_running_loop()
-        job = Job(payload, size, loop.create_future(), loop.time(), deadline)
+        job = Job(payload, size, loop.create_future(), loop.time(), deadline, outcome=outcome)
         self._queue.append(job)
         self._queued_samples += size
         self.metrics.queue_depth.set(len(self._queue))
@@ -176,6 +181,8 @@ class Batcher:
         self.metrics.batch_size.observe(total)
         offset = 0
         for job in batch:
+            if job.outcome is not None:
+                job.outcome.batch_size = total
             if not job.future.done():
                 job.future.set_result(logits[offset : offset + job.size])
             offset += job.size

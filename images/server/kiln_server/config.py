@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from kiln_artifacts.contract import TERMINATION_LOG, TERMINATION_LOG_ENV
+from kiln_artifacts.errors import ArtifactError
+from kiln_artifacts.uri import parse_uri, writable
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+# A drift signal's name, as the ModelDeployment API spells it; whether the model has that signal is known only
+# once it is loaded (a name it does not have is logged and ignored, never a crash loop).
+SIGNAL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+MAX_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,24 @@ class Config:
     grace_period_s: float = 25.0
     log_level: str = "info"
     termination_log: str = TERMINATION_LOG
+    monitoring: bool = True
+    drift_window: int = 1000
+    drift_max_age: float = 0.0
+    drift_min_samples: int = 200
+    drift_threshold: float = 0.2
+    drift_thresholds: tuple[tuple[str, float], ...] = ()
+    reference_uri: str | None = None
+    reference_samples: int = 1000
+    access_log_rate: float = 0.0
+    payload_log_rate: float = 0.0
+    payload_log_uri: str | None = None
+    payload_log_batch_records: int = 500
+    payload_log_batch_seconds: float = 60.0
+    payload_log_redact: tuple[str, ...] = ()
+    payload_log_hash: tuple[str, ...] = ()
+    payload_log_queue: int = 10000
+    deployment: str | None = None
+    revision: str | None = None
 
 
 def _positive_int(text: str) -> int:
@@ -96,6 +121,98 @@ def _choice(options: Sequence[str]) -> Callable[[str], str]:
     return parse
 
 
+def _at_most(limit: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 1 <= value <= limit:
+            raise ValueError(f"must be 1-{limit}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a finite number > 0")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError("must be a number from 0 to 1")
+    return value
+
+
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError("must be a number over 0 and at most 1")
+    return value
+
+
+def _on_off(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("on", "true", "1", "yes"):
+        return True
+    if low in ("off", "false", "0", "no"):
+        return False
+    raise ValueError("must be on or off")
+
+
+def _thresholds(text: str) -> tuple[tuple[str, float], ...]:
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        name, eq, value = item.strip().partition("=")
+        name = name.strip()
+        if not eq or not SIGNAL_NAME.match(name):
+            raise ValueError(
+                f"must be signal=threshold pairs separated by commas, e.g. tokens=0.3,prediction=0.1 ({item.strip()!r})"
+            )
+        if name in out:
+            raise ValueError(f"signal {name!r} given twice")
+        try:
+            out[name] = _threshold(value.strip())
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return tuple(sorted(out.items()))
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(len(n) > 256 for n in names):
+        raise ValueError("must be input names separated by commas (each at most 256 characters)")
+    return tuple(dict.fromkeys(names))
+
+
+def _reference(text: str) -> str:
+    """A local path, or a URI kiln_artifacts reads (checked now: a typo is a usage error, not a crash loop)."""
+    if not text:
+        raise ValueError("must not be empty")
+    if "://" in text:
+        try:
+            parse_uri(text, field="uri")
+        except ArtifactError as e:
+            raise ValueError(str(e).removeprefix("uri: ")) from None
+    return text
+
+
+def _store(text: str) -> str:
+    try:
+        writable(parse_uri(text, field="uri"))
+    except ArtifactError as e:
+        raise ValueError(str(e).removeprefix("uri: ")) from None
+    return text
+
+
+def _object_name(text: str) -> str:
+    # It names payload-log artifacts too, so it must be a path segment no store reserves.
+    if not 1 <= len(text) <= 253 or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", text):
+        raise ValueError("must be 1-253 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return text
+
+
 def _text(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
@@ -145,6 +262,84 @@ OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "grace_period_s": ("KILN_SERVER_GRACE_PERIOD_S", _non_negative_float, "after SIGTERM: longest drain (default 25)"),
     "log_level": ("KILN_SERVER_LOG_LEVEL", _choice(("debug", "info", "warning", "error")), "log level (default info)"),
     "termination_log": (TERMINATION_LOG_ENV, _text, "startup failures are written here if it exists"),
+    "monitoring": (
+        "KILN_SERVER_MONITORING",
+        _on_off,
+        "drift, anomalies, predictions by class and the payload log: on (default) or off",
+    ),
+    "drift_window": ("KILN_SERVER_DRIFT_WINDOW", _at_most(MAX_SAMPLES), "drift is measured over the last N samples"),
+    "drift_max_age": (
+        "KILN_SERVER_DRIFT_MAX_AGE",
+        _non_negative_float,
+        "and over none older than this many seconds (0: no age limit)",
+    ),
+    "drift_min_samples": (
+        "KILN_SERVER_DRIFT_MIN_SAMPLES",
+        _at_most(MAX_SAMPLES),
+        "samples in the window before a drift verdict (exported for alerts and the operator)",
+    ),
+    "drift_threshold": (
+        "KILN_SERVER_DRIFT_THRESHOLD",
+        _threshold,
+        "a signal drifts over this Jensen-Shannon distance, in (0, 1]",
+    ),
+    "drift_thresholds": (
+        "KILN_SERVER_DRIFT_THRESHOLDS",
+        _thresholds,
+        "per-signal thresholds over --drift-threshold: signal=X,... (e.g. tokens=0.3)",
+    ),
+    "reference_uri": (
+        "KILN_SERVER_REFERENCE_URI",
+        _reference,
+        "the reference profile instead of the artifact's: a kiln-profile.json or an artifact holding one",
+    ),
+    "reference_samples": (
+        "KILN_SERVER_REFERENCE_SAMPLES",
+        _at_most(MAX_SAMPLES),
+        "without a profile, the reference is built from the first N samples served",
+    ),
+    "access_log_rate": (
+        "KILN_SERVER_ACCESS_LOG_RATE",
+        _rate,
+        "share of requests logged as JSON lines on stderr (logger kiln_server.access), 0-1",
+    ),
+    "payload_log_rate": (
+        "KILN_SERVER_PAYLOAD_LOG_RATE",
+        _rate,
+        "share of requests and responses written to --payload-log-uri, 0-1",
+    ),
+    "payload_log_uri": (
+        "KILN_SERVER_PAYLOAD_LOG_URI",
+        _store,
+        "where payload-log batches are published, one dataset artifact each (file://, pvc://, s3://)",
+    ),
+    "payload_log_batch_records": (
+        "KILN_SERVER_PAYLOAD_LOG_BATCH_RECORDS",
+        _at_most(MAX_SAMPLES),
+        "records per payload-log batch",
+    ),
+    "payload_log_batch_seconds": (
+        "KILN_SERVER_PAYLOAD_LOG_BATCH_SECONDS",
+        _positive_float,
+        "a partial payload-log batch is published this long after its first record",
+    ),
+    "payload_log_redact": (
+        "KILN_SERVER_PAYLOAD_LOG_REDACT",
+        _names,
+        'inputs written as "[redacted]" in the payload log: name,...',
+    ),
+    "payload_log_hash": (
+        "KILN_SERVER_PAYLOAD_LOG_HASH",
+        _names,
+        "inputs written as their SHA-256 in the payload log: name,...",
+    ),
+    "payload_log_queue": (
+        "KILN_SERVER_PAYLOAD_LOG_QUEUE",
+        _at_most(10 * MAX_SAMPLES),
+        "payload-log records held before writing; more are dropped (and counted)",
+    ),
+    "deployment": ("KILN_SERVER_DEPLOYMENT", _object_name, "the ModelDeployment, for access logs and payload records"),
+    "revision": ("KILN_SERVER_REVISION", _object_name, "the revision, for access logs and payload records"),
 }
 
 
@@ -162,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in fields(Config) if f.default is not MISSING}
     for name, (env, _parse, help_text) in OPTIONS.items():
         default = defaults.get(name)
-        shown = "" if default is None else f"; default {default}"
+        shown = "" if default in (None, ()) else f"; default {default}"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, help=f"{help_text} [${env}{shown}]")
     return parser
 
@@ -187,6 +382,11 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     if "model_uri" not in values:
         raise UsageError("--model-uri (or $KILN_MODEL_URI) is required")
     config = Config(**values)
+    if config.payload_log_rate > 0 and not config.payload_log_uri:
+        raise UsageError("--payload-log-uri (or $KILN_SERVER_PAYLOAD_LOG_URI) is required when --payload-log-rate > 0")
+    both = sorted(set(config.payload_log_redact) & set(config.payload_log_hash))
+    if both:
+        raise UsageError(f"--payload-log-hash: {', '.join(map(repr, both))} is also in --payload-log-redact")
     ports = {"--port": config.port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port}
     seen: dict[int, str] = {}
     for flag, port in ports.items():

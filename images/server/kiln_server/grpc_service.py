@@ -218,13 +218,14 @@ class GrpcService:
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         server = self.server
-        with server.tracked() as outcome:
+        with server.tracked("grpc") as outcome:
             try:
+                outcome.request_id = _request_id(context)
                 msg = decode_message(pb.ModelInferRequest, raw)
                 server.check_model(msg.model_name, msg.model_version or None)
                 parsed = parse_request(msg)
                 deadline = server.deadline(outcome.started, context.time_remaining(), parsed.timeout_us)
-                outputs = await server.predict(parsed, deadline)
+                outputs = await server.predict(parsed, deadline, outcome)
                 body = encode_response(server.model.name, server.model.version, parsed.id, outputs)
             except RequestError as e:
                 outcome.status = e.status
@@ -238,3 +239,11 @@ class GrpcService:
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
             outcome.status = 200
             return body
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's ``x-request-id`` metadata, as REST's X-Request-Id header (the message's ``id`` wins over it)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return str(value)[:256]
+    return None

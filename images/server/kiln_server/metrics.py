@@ -90,3 +90,69 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class MonitorMetrics:
+    """The monitoring series (docs/server.md "Monitoring"), in the server's registry, all with the label ``model``.
+    Families are registered at start; their children once the model is loaded and its signals and classes are
+    known, so every series is there from the first scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r, model = metrics.registry, metrics.model
+        self.model = model
+        self.drift_score = Gauge(
+            "kiln_server_drift_score",
+            "Jensen-Shannon distance (base 2, 0..1) of the window's histogram of a signal from the reference's; "
+            "NaN until there is a reference.",
+            ["model", "signal"],
+            registry=r,
+        )
+        self.drift_threshold = Gauge(
+            "kiln_server_drift_threshold", "Over this score, the signal drifts.", ["model", "signal"], registry=r
+        )
+        self.window_samples = Gauge(
+            "kiln_server_drift_window_samples", "Samples in the drift window now.", ["model"], registry=r
+        ).labels(model)
+        self.min_samples = Gauge(
+            "kiln_server_drift_min_samples", "Samples the window needs before a drift verdict.", ["model"], registry=r
+        ).labels(model)
+        self.anomalies = Counter(
+            "kiln_server_anomalies_total",
+            "Anomalous samples by kind (low_confidence, input_out_of_range, unknown_tokens) against the reference.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.predictions = Counter(
+            "kiln_server_predictions_total", "Samples answered, by predicted class.", ["model", "class"], registry=r
+        )
+        self.reference_info = Gauge(
+            "kiln_server_reference_info",
+            "1 for where the reference came from (artifact, uri, traffic); a traffic reference is 0 while its "
+            "samples are being collected.",
+            ["model", "source"],
+            registry=r,
+        )
+        self.reference_samples = Gauge(
+            "kiln_server_reference_samples",
+            "Samples the reference was made of (traffic: collected so far, until complete).",
+            ["model"],
+            registry=r,
+        ).labels(model)
+        self.payload_records = Counter(
+            "kiln_server_payload_log_records_total", "Payload-log records published.", ["model"], registry=r
+        ).labels(model)
+        self.payload_dropped = Counter(
+            "kiln_server_payload_log_dropped_total",
+            "Payload-log records lost: the queue was full, or their batch could not be published.",
+            ["model"],
+            registry=r,
+        ).labels(model)
+        self.payload_batches = Counter(
+            "kiln_server_payload_log_batches_total", "Payload-log batches published.", ["model"], registry=r
+        ).labels(model)
+        self.payload_errors = Counter(
+            "kiln_server_payload_log_errors_total",
+            "Payload-log batches that could not be published.",
+            ["model"],
+            registry=r,
+        ).labels(model)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from kiln_artifacts.contract import ExitCode
 from .config import Config
 from .errors import BadRequest, StartupError
 from .protocol import InferRequest, OutputTensor, Tensor
+
+if TYPE_CHECKING:
+    from .monitor import Monitor
 
 log = logging.getLogger("kiln_server")
 
@@ -123,12 +126,16 @@ class Model:
         self.requested_gpu: list[str] = []
         self.tokenizer: Any = None
         self.pad_id = 0
+        self.unk_id: int | None = None
         self.vocab_size = 0
         self.session: Any = None
         self.spec: ModelSpec | None = None
         self.input_names: list[str] = []
         self.input_dtype: np.dtype[Any] = np.dtype(np.float32)
         self.num_labels = -1
+        self.artifact: Any = None
+        # Set once the model is warmed up (warm-up batches are not traffic): every executed batch is observed.
+        self.monitor: Monitor | None = None
 
     # ---------------------------------------------------------------- loading
     def load(self) -> None:
@@ -143,6 +150,7 @@ class Model:
         except OSError as e:
             raise StartupError(ExitCode.ARTIFACT, f"artifact {self.config.model_uri}: cannot be read: {e}") from e
         self.digest, self.uri = art.digest, art.uri
+        self.artifact = art
         manifest = art.manifest
         if manifest.format != "onnx":
             raise StartupError(ExitCode.CONTRACT, f"artifact {art.uri}: format must be onnx, got {manifest.format!r}")
@@ -199,16 +207,27 @@ class Model:
         assert self.spec.max_sequence_length is not None
         tok.no_padding()
         tok.enable_truncation(self.spec.max_sequence_length)
-        pad_token = None
+        config: dict[str, Any] = {}
         if "tokenizer_config.json" in art.files:
             try:
-                pad_token = json.loads(art.read_bytes("tokenizer_config.json")).get("pad_token")
+                loaded = json.loads(art.read_bytes("tokenizer_config.json"))
+            except ValueError:
+                loaded = None
+            config = loaded if isinstance(loaded, dict) else {}
+        pad_id = _token_id(tok, config.get("pad_token"))
+        self.pad_id = pad_id if pad_id is not None else 0
+        # The unknown token, for the share of unknown tokens that monitoring watches: tokenizer_config.json's,
+        # else the one the tokenizer's model declares in tokenizer.json.
+        unk_id = _token_id(tok, config.get("unk_token"))
+        if unk_id is None:
+            try:
+                model_doc = json.loads(art.read_bytes("tokenizer.json")).get("model") or {}
             except (ValueError, AttributeError):
-                pad_token = None
-        if isinstance(pad_token, dict):
-            pad_token = pad_token.get("content")
-        pad_id = tok.token_to_id(pad_token) if isinstance(pad_token, str) else None
-        self.pad_id = int(pad_id) if pad_id is not None else 0
+                model_doc = {}
+            unk_id = _token_id(tok, model_doc.get("unk_token"))
+            if unk_id is None and isinstance(model_doc.get("unk_id"), int):  # Unigram models name it by id
+                unk_id = int(model_doc["unk_id"])
+        self.unk_id = unk_id
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.tokenizer = tok
 
@@ -291,6 +310,8 @@ class Model:
                     out = self.run_batch([np.zeros((n, *self.spec.image_shape), dtype=self.input_dtype)])
                 if out.shape[0] != n or not np.isfinite(out).all():
                     raise RuntimeError(f"batch of {n}: logits of shape {out.shape}, finite: {np.isfinite(out).all()}")
+                if self.num_labels < 0 and out.ndim == 2:  # a graph with a dynamic class axis and no labels
+                    self.num_labels = int(out.shape[1])
 
     # ------------------------------------------------------------- metadata
     def metadata(self) -> dict[str, Any]:
@@ -442,21 +463,34 @@ class Model:
         samples is sorted by length and run in chunks of that size, so short sentences are not padded to the
         longest one of a big batch (less wasted attention and matmul work); rows go back in their order."""
         assert self.spec is not None
+        monitor = self.monitor
         if self.spec.task != "text-classification":
-            feeds = {"pixel_values": payloads[0] if len(payloads) == 1 else np.concatenate(payloads)}
-            return self._run(feeds)
+            pixels = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
+            logits = self._run({"pixel_values": pixels})
+            if monitor is not None:
+                monitor.observe_images(pixels, logits)
+            return logits
         rows = self._text_rows(payloads)
         bucket = self.config.text_bucket_size
         if not bucket or len(rows) <= bucket:
-            return self._run(self._pad(rows))
+            feeds = self._pad(rows)
+            logits = self._run(feeds)
+            if monitor is not None:
+                monitor.observe_tokens([feeds], logits)
+            return logits
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
         parts = []
+        runs = []
         for start in range(0, len(order), bucket):
             chunk = order[start : start + bucket]
-            parts.append((chunk, self._run(self._pad([rows[i] for i in chunk]))))
+            feeds = self._pad([rows[i] for i in chunk])
+            runs.append(feeds)
+            parts.append((chunk, self._run(feeds)))
         out = np.empty((len(rows), parts[0][1].shape[1]), dtype=np.float32)
         for chunk, logits in parts:
             out[chunk] = logits
+        if monitor is not None:  # each run's features with its own logits: the order of the runs, not the rows
+            monitor.observe_tokens(runs, np.concatenate([logits for _, logits in parts]))
         return out
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -495,6 +529,16 @@ class Model:
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = types
         return feeds
+
+
+def _token_id(tok: Any, token: Any) -> int | None:
+    """The id of a special token as tokenizer configs give it (a string, or an object with ``content``)."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not isinstance(token, str):
+        return None
+    found = tok.token_to_id(token)
+    return int(found) if found is not None else None
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln_artifacts.contract import (
     ExitCode,
@@ -37,6 +37,9 @@ from kiln_artifacts.contract import (
 
 from .config import TrainConfig, parse_config
 from .report import ProgressReporter, now_iso
+
+if TYPE_CHECKING:
+    from kiln_artifacts.profile import Profile
 
 log = logging.getLogger("kiln_trainer")
 _stop_requested = False
@@ -216,6 +219,8 @@ class Trainer:
         ds, cfg = self.dataset, self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every attempt
         base = self.model_src.path if self.model_src else None
+        self.unk_id: int | None = None
+        self.pad_id: int | None = None
         if ds.task == "image-classification":
             self.model = build_image_model(len(ds.classes), base)
             self.train_inputs = {"images": torch.from_numpy(ds.train_x.copy())}
@@ -223,9 +228,12 @@ class Trainer:
         else:
             assert base is not None
             max_len = cfg.extra_int("maxSeqLength", 64, 8, 512)
+            self.max_len = max_len
             self.model = models.build_text_model(base, ds.classes)
-            self.train_inputs = models.tokenize(base, ds.train_x, max_len)
-            self.test_inputs = models.tokenize(base, ds.test_x, max_len) if ds.test_x is not None else None
+            tok = models.load_tokenizer(base)
+            self.unk_id, self.pad_id = tok.unk_token_id, tok.pad_token_id
+            self.train_inputs = models.tokenize(tok, ds.train_x, max_len)
+            self.test_inputs = models.tokenize(tok, ds.test_x, max_len) if ds.test_x is not None else None
         self.train_labels = torch.from_numpy(ds.train_y)
         self.test_labels = torch.from_numpy(ds.test_y) if ds.test_y is not None else None
         self.model.to(self.device)
@@ -247,12 +255,16 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
 
-    def _batch(self, inputs: Mapping[str, Any], idx: Any) -> dict[str, Any]:
+    def _host_batch(self, inputs: Mapping[str, Any], idx: Any) -> dict[str, Any]:
+        """The model's inputs for ``idx``, still on the host."""
         from .models import image_batch
 
         if "images" in inputs:
-            return {k: v.to(self.device, non_blocking=True) for k, v in image_batch(inputs["images"][idx]).items()}
-        return {k: v[idx].to(self.device, non_blocking=True) for k, v in inputs.items()}
+            return image_batch(inputs["images"][idx])
+        return {k: v[idx] for k, v in inputs.items()}
+
+    def _batch(self, inputs: Mapping[str, Any], idx: Any) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in self._host_batch(inputs, idx).items()}
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -346,26 +358,67 @@ class Trainer:
         """Agree across ranks: any rank's SIGTERM stops all; rank 0's clock decides time-based checkpoints."""
         if not self.pg:
             return stop, time_due
-        t = self.torch.tensor([float(stop), float(time_due and self.dist.main)])
+        # On the training device: an NCCL group has no backend for CPU tensors.
+        t = self.torch.tensor([float(stop), float(time_due and self.dist.main)], device=self.device)
         self.torch.distributed.all_reduce(t, op=self.torch.distributed.ReduceOp.MAX)
         return bool(t[0]), bool(t[1])
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, with_profile: bool = False) -> dict[str, float]:
+        """Metrics on the test split; with ``with_profile``, also the reference profile of the same pass
+        (``self.profile``): its features are gathered batch by batch, on the host, as small numpy arrays."""
+        from kiln_artifacts import profile
+
         torch = self.torch
         if self.test_inputs is None or self.test_labels is None:
             return {}
         size = self.cfg.extra_int("evalBatchSize", 256, 1, 1_000_000)
         self.model.eval()
         correct, loss_sum, n = 0, 0.0, len(self.test_labels)
+        features: list[dict[str, Any]] = []
         with torch.no_grad(), self._autocast():
             for start in range(0, n, size):
                 idx = torch.arange(start, min(n, start + size))
-                logits = self.model(**self._batch(self.test_inputs, idx)).float()
+                host = self._host_batch(self.test_inputs, idx)
+                logits = self.model(**{k: v.to(self.device, non_blocking=True) for k, v in host.items()}).float()
                 y = self.test_labels[idx].to(self.device)
                 loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
                 correct += int((logits.argmax(-1) == y).sum())
+                if with_profile:
+                    features.append({**profile.output_features(logits.cpu().numpy()), **self._input_features(host)})
         self.model.train()
+        if with_profile:
+            self.profile = self._build_profile(features)
         return {"eval_accuracy": correct / n, "eval_loss": loss_sum / n}
+
+    def _input_features(self, host: Mapping[str, Any]) -> dict[str, Any]:
+        """The input signals of one evaluation batch, from the tensors the model was fed (profile.py computes
+        them the same way for live traffic)."""
+        import numpy as np
+
+        from kiln_artifacts import profile
+
+        if "pixel_values" in host:
+            return profile.image_features(host["pixel_values"].numpy())
+        ids = host["input_ids"].numpy()
+        if "attention_mask" in host:
+            mask = host["attention_mask"].numpy()
+        else:  # a tokenizer without a mask pads with its pad token
+            mask = ids != self.pad_id if self.pad_id is not None else np.ones_like(ids)
+        return profile.token_features(ids, mask, self.unk_id)
+
+    def _build_profile(self, batches: Sequence[Mapping[str, Any]]) -> Profile:
+        import numpy as np
+
+        from kiln_artifacts import profile
+
+        ds = self.dataset
+        source = {"from": "evaluation", "dataset": self.cfg.dataset_uri, "split": "test", "outputs": "model"}
+        if ds.source.digest:
+            source["datasetDigest"] = ds.source.digest
+        if ds.task == "text-classification":
+            source["maxSequenceLength"] = str(self.max_len)  # token counts are cut here
+        features = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+        return profile.build(ds.task, features, labels=ds.classes, source=source)
 
     def _epoch_order(self, epoch: int) -> Any:
         # The order depends only on (seed, epoch): a resumed run sees the same batches without saved sampler state.
@@ -468,6 +521,7 @@ class Trainer:
 
     def _finish(self, step: int) -> Outcome:
         import kiln_artifacts as ka
+        from kiln_artifacts.profile import PROFILE_ANNOTATION, PROFILE_FILE
 
         from .models import save_model
 
@@ -475,7 +529,8 @@ class Trainer:
         # A final checkpoint makes a retry after this point cheap: it resumes at the end and republishes.
         if cfg.checkpoint_uri and self.last_checkpoint_step != step:
             self._checkpoint(step)
-        metrics = self._evaluate() if self.dist.main else {}
+        self.profile: Profile | None = None
+        metrics = self._evaluate(with_profile=True) if self.dist.main else {}
         artifact = None
         if self.dist.main and cfg.output_uri:
             tmp = Path(tempfile.mkdtemp(prefix="kiln-model-"))
@@ -483,6 +538,10 @@ class Trainer:
                 fmt = save_model(
                     self.model, tmp / "model", self.dataset.classes, self.model_src and self.model_src.path
                 )
+                annotations: dict[str, str] = {}
+                if self.profile is not None:  # no test split: no evaluation, no reference
+                    self.profile.write(tmp / "model")
+                    annotations[PROFILE_ANNOTATION] = PROFILE_FILE
                 parents = (self.model_src.digest,) if self.model_src and self.model_src.digest else ()
                 lineage = ka.Lineage(
                     producer=cfg.producer,
@@ -504,6 +563,7 @@ class Trainer:
                         task=self.dataset.task,
                         metrics=final,
                         lineage=lineage,
+                        annotations=annotations,
                     )
                 except ka.ArtifactExistsError as e:
                     raise UserError(f"output.uri {cfg.output_uri}: {e}") from None

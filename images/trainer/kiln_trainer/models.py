@@ -45,10 +45,13 @@ def build_text_model(base: Path, classes: list[str]) -> TextClassifier:
     return TextClassifier(hf)
 
 
-def tokenize(base: Path, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+def load_tokenizer(base: Path) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+
+
+def tokenize(tok: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     enc = tok(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 

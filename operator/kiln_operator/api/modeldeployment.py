@@ -5,9 +5,11 @@ from kiln_operator.api.schema import (
     NAME,
     Schema,
     array,
+    boolean,
     exactly_one,
     integer,
     number,
+    number_map,
     obj,
     quantity,
     rule,
@@ -31,6 +33,93 @@ CANARY_STEP = obj(
         ),
     },
     required=["weight"],
+)
+
+SIGNAL_NAME = r"^[a-z][a-z0-9_]{0,62}$"
+
+MONITORING = obj(
+    "Watching the served model in production against its reference profile (the evaluation set's summaries that "
+    "the trainer and compressor record in the artifact): drift scores per signal, anomalies, a sampled payload "
+    "log. Defaults apply with no configuration; docs/monitoring.md.",
+    {
+        "enabled": boolean("Compute drift and anomalies in the servers and report them here.", default=True),
+        "windowSamples": integer(
+            "Drift is measured over each server's last windowSamples samples.",
+            minimum=50,
+            maximum=1_000_000,
+            default=1000,
+        ),
+        "windowSeconds": integer(
+            "And none older than this (0: no age limit).", minimum=0, maximum=30 * 86400, default=0
+        ),
+        "minSamples": integer(
+            "Samples in the window before a verdict (fewer: Drifting is Unknown).",
+            minimum=1,
+            maximum=1_000_000,
+            default=200,
+        ),
+        "driftThreshold": number(
+            "A signal drifts when its Jensen-Shannon distance (base 2: 0 the same distribution, 1 disjoint) from the "
+            "reference is over this.",
+            minimum=0,
+            maximum=1,
+            exclusive_minimum=True,
+            default=0.2,
+        ),
+        "thresholds": {
+            **number_map(
+                "Per-signal thresholds over driftThreshold (prediction, confidence, tokens, unknown_tokens, "
+                "channel<c>_mean, channel<c>_std)."
+            ),
+            "x-kubernetes-validations": [
+                rule(
+                    "self.all(k, k.matches('" + SIGNAL_NAME + "') && self[k] > 0.0 && self[k] <= 1.0)",
+                    "thresholds: keys must be signal names (lower case, digits, _) and values in (0, 1]",
+                )
+            ],
+        },
+        "referenceUri": common.source_uri(
+            "A reference profile (kiln-profile.json, or an artifact holding one) instead of the artifact's own."
+        ),
+        "referenceSamples": integer(
+            "With no profile in the artifact and no referenceUri, each server takes its first referenceSamples "
+            "samples as the reference (status says so).",
+            minimum=50,
+            maximum=1_000_000,
+            default=1000,
+        ),
+        "intervalSeconds": integer(
+            "How often the operator reads the drift scores.", minimum=5, maximum=3600, default=60
+        ),
+        "accessLogRate": number(
+            "Share of requests logged as one JSON line each (request id, digest, revision, latency, status).",
+            minimum=0,
+            maximum=1,
+            default=0,
+        ),
+        "payloadLog": obj(
+            "A sampled share of requests and responses, written in batches as dataset artifacts (JSON Lines, each "
+            "record with the model digest, revision, time and request id): the raw material of a retraining set.",
+            {
+                "rate": number("Share of requests logged (0-1).", minimum=0, maximum=1, default=0.1),
+                "uri": common.output_uri("Where batches are published, one artifact each."),
+                "batchRecords": integer("Records per batch.", minimum=1, maximum=1_000_000, default=500),
+                "batchSeconds": integer(
+                    "A partial batch is published after this.", minimum=1, maximum=86400, default=60
+                ),
+                "redact": array(
+                    'Named inputs written as "[redacted]".', string("An input name.", max_length=253), max_items=64
+                ),
+                "hash": array(
+                    "Named inputs written as their SHA-256 (joinable, not readable).",
+                    string("An input name.", max_length=253),
+                    max_items=64,
+                ),
+            },
+            required=["uri"],
+        ),
+    },
+    default={},
 )
 
 SPEC = obj(
@@ -143,6 +232,15 @@ SPEC = obj(
                             maximum=100_000_000,
                             default=100,
                         ),
+                        "maxPredictionDrift": number(
+                            "Largest allowed Jensen-Shannon distance (0: the same, 1: disjoint) between the "
+                            "candidate's and the stable revision's predicted-class distributions over the step's "
+                            "window: both see the same inputs, so a large difference is a regression. Absent: not "
+                            "checked.",
+                            minimum=0,
+                            maximum=1,
+                            exclusive_minimum=True,
+                        ),
                     },
                     default={},
                 ),
@@ -217,6 +315,7 @@ SPEC = obj(
                 )
             ],
         ),
+        "monitoring": MONITORING,
         "resources": common.resources("Per replica.", gpus_help="Only with a GPU execution provider."),
         "scheduling": common.scheduling(queue=False),
         "podTemplate": common.pod_template(),
@@ -227,6 +326,11 @@ SPEC = obj(
             "!has(self.autoscaling) || self.autoscaling.metric != 'CPU' || has(self.resources.cpu)",
             "autoscaling on CPU needs resources.cpu (utilisation is measured against the request)",
             field=".autoscaling.metric",
+        ),
+        rule(
+            "!has(self.monitoring.payloadLog) || self.monitoring.enabled",
+            "monitoring.payloadLog needs monitoring.enabled",
+            field=".monitoring.payloadLog",
         ),
         rule(
             f"self.resources.gpus == 0 || self.runtime.executionProvider in {GPU_PROVIDERS}",
@@ -260,13 +364,42 @@ METRICS = obj(
         "requests": number("Requests answered."),
         "errorRate": number("5xx / all."),
         "p95LatencyMs": number("p95 request latency."),
+        "predictionDrift": number("Jensen-Shannon distance of its predicted classes from the stable revision's."),
+    },
+)
+
+MONITORING_STATUS = obj(
+    "Drift of the serving revision's live traffic from its reference, as last read.",
+    {
+        "time": timestamp("When the servers' figures were read."),
+        "revision": integer("The revision measured.", minimum=1),
+        "reference": string("Where the reference came from: artifact, uri or traffic.", max_length=32),
+        "samples": integer("Samples in the servers' windows, all pods together.", minimum=0),
+        "minSamples": integer("Samples needed before a verdict.", minimum=0),
+        "pods": integer("Pods that answered.", minimum=0),
+        "signals": array(
+            "Per signal.",
+            obj(
+                "One signal.",
+                {
+                    "name": string("Signal.", max_length=63),
+                    "score": number("Jensen-Shannon distance from the reference (pods weighted by samples)."),
+                    "threshold": number("Over this, the signal drifts."),
+                    "drifting": boolean("score > threshold with enough samples."),
+                    "since": timestamp("Since when it has been over its threshold."),
+                },
+            ),
+            max_items=64,
+        ),
+        "anomalies": {**number_map("Anomalous samples by kind, since the servers started."), "maxProperties": 16},
+        "message": string("Why there is no verdict, when there is none.", max_length=1024),
     },
 )
 
 STATUS = obj(
     "What the operator observed.",
     {
-        **common.status_base("ModelDeployment adds Progressing, Degraded and RolledBack."),
+        **common.status_base("ModelDeployment adds Progressing, Degraded, RolledBack and Drifting."),
         "phase": string("Summary: " + ", ".join(PHASES) + ".", enum=PHASES),
         "replicas": integer("Serving pods (all revisions).", minimum=0),
         "readyReplicas": integer("Ready serving pods.", minimum=0),
@@ -293,6 +426,7 @@ STATUS = obj(
                 "message": string("Why.", max_length=1024),
             },
         ),
+        "monitoring": MONITORING_STATUS,
         "rejected": array(
             "Digests rolled back: never rolled out again unless spec.rollout.retryDigest names one.",
             obj(
@@ -337,6 +471,7 @@ COLUMNS: list[Schema] = [
     {"name": "Canary", "type": "integer", "jsonPath": ".status.canaryWeight", "description": "Canary weight %."},
     {"name": "P95ms", "type": "number", "jsonPath": ".status.p95LatencyMs"},
     {"name": "Digest", "type": "string", "jsonPath": ".status.current.shortDigest"},
+    {"name": "Drifting", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Drifting")].status'},
     {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -92,7 +92,40 @@ def _threads(spec: Mapping[str, Any]) -> int:
     return max(1, math.ceil(quantity(cpu))) if cpu else 0
 
 
-def _server_env(md: Mapping[str, Any], uri: str, digest: str | None) -> list[Obj]:
+def _monitoring_env(md: Mapping[str, Any], revision: str) -> dict[str, str]:
+    """spec.monitoring as the server's settings (docs/server.md); its defaults are the API's."""
+    mon = (md.get("spec") or {}).get("monitoring") or {}
+    if not mon.get("enabled", True):
+        return {"KILN_SERVER_MONITORING": "off"}
+    env = {
+        "KILN_SERVER_MONITORING": "on",
+        "KILN_SERVER_DEPLOYMENT": md["metadata"]["name"],
+        "KILN_SERVER_REVISION": revision,
+        "KILN_SERVER_DRIFT_WINDOW": str(mon.get("windowSamples", 1000)),
+        "KILN_SERVER_DRIFT_MAX_AGE": str(mon.get("windowSeconds", 0)),
+        "KILN_SERVER_DRIFT_MIN_SAMPLES": str(mon.get("minSamples", 200)),
+        "KILN_SERVER_DRIFT_THRESHOLD": str(mon.get("driftThreshold", 0.2)),
+        "KILN_SERVER_REFERENCE_SAMPLES": str(mon.get("referenceSamples", 1000)),
+        "KILN_SERVER_ACCESS_LOG_RATE": str(mon.get("accessLogRate", 0)),
+    }
+    if mon.get("thresholds"):
+        env["KILN_SERVER_DRIFT_THRESHOLDS"] = ",".join(f"{k}={v}" for k, v in sorted(mon["thresholds"].items()))
+    if mon.get("referenceUri"):
+        env["KILN_SERVER_REFERENCE_URI"] = mon["referenceUri"]
+    log = mon.get("payloadLog")
+    if log:
+        env["KILN_SERVER_PAYLOAD_LOG_RATE"] = str(log.get("rate", 0.1))
+        env["KILN_SERVER_PAYLOAD_LOG_URI"] = log["uri"]
+        env["KILN_SERVER_PAYLOAD_LOG_BATCH_RECORDS"] = str(log.get("batchRecords", 500))
+        env["KILN_SERVER_PAYLOAD_LOG_BATCH_SECONDS"] = str(log.get("batchSeconds", 60))
+        if log.get("redact"):
+            env["KILN_SERVER_PAYLOAD_LOG_REDACT"] = ",".join(log["redact"])
+        if log.get("hash"):
+            env["KILN_SERVER_PAYLOAD_LOG_HASH"] = ",".join(log["hash"])
+    return env
+
+
+def _server_env(md: Mapping[str, Any], uri: str, digest: str | None, revision: str) -> list[Obj]:
     spec, meta = md.get("spec") or {}, md["metadata"]
     runtime = spec.get("runtime") or {}
     env = {
@@ -108,6 +141,7 @@ def _server_env(md: Mapping[str, Any], uri: str, digest: str | None) -> list[Obj
         "KILN_SERVER_INTRA_OP_THREADS": str(_threads(spec)),
         "KILN_SERVER_INTER_OP_THREADS": str(runtime.get("interOpThreads") or 1),
         "KILN_SERVER_INSTANCES": str(runtime.get("instances") or 1),
+        **_monitoring_env(md, revision),
     }
     if digest:
         env["KILN_MODEL_DIGEST"] = digest  # the server refuses to start on any other artifact
@@ -119,6 +153,10 @@ def template_hash(md: Mapping[str, Any], image_default: str | None) -> str:
     spec = md.get("spec") or {}
     parts = {k: spec.get(k) for k in ("runtime", "resources", "scheduling", "podTemplate")}
     parts["image"] = image_default
+    # The servers' monitoring settings, less how often the operator reads them (which no pod needs to know).
+    mon = {k: v for k, v in (spec.get("monitoring") or {}).items() if k != "intervalSeconds"}
+    if mon:
+        parts["monitoring"] = mon
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -144,8 +182,15 @@ def deployment(
     if not image:
         raise ValueError("spec.runtime.image is empty and no default image is configured")
     name = meta["name"]
-    pvc_volumes, pvc_mounted, pvc_env = pvc_mounts([("source.uri", uri, True)])
-    kiln_env = _server_env(md, uri, digest) + [dict(e) for e in pvc_env]
+    mon = spec.get("monitoring") or {}
+    pvc_volumes, pvc_mounted, pvc_env = pvc_mounts(
+        [
+            ("source.uri", uri, True),
+            ("monitoring.referenceUri", mon.get("referenceUri") or "", True),
+            ("monitoring.payloadLog.uri", (mon.get("payloadLog") or {}).get("uri") or "", False),
+        ]
+    )
+    kiln_env = _server_env(md, uri, digest, key) + [dict(e) for e in pvc_env]
     kiln_names = {e["name"] for e in kiln_env}
     user_env = [dict(e) for e in artifact_env]
     volumes = [*pvc_volumes, TMP_VOLUME]  # read-only root: TensorRT cache, temp files

@@ -2,12 +2,14 @@
 URI) as one Deployment per revision behind one Service, scales it (spec.replicas, the scale subresource, an HPA),
 and rolls new artifacts out as a canary with analysis of the servers' metrics and automatic rollback.
 
-The pure state machine (lifecycle.modeldeployment.decide) plans each pass; the controller's own I/O is the
-analysis: Prometheus' HTTP API when the operator is configured with one, else a direct scrape of the pods' /metrics.
+The pure state machine (lifecycle.modeldeployment.decide) plans each pass; the controller's own I/O is reading the
+servers' metrics, for a canary step's analysis and for the serving revision's drift: Prometheus' HTTP API when the
+operator is configured with one, else a direct scrape of the pods' /metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -68,7 +70,9 @@ class ModelDeployments(ApplyOwner):
         await self.keep_baselines(key, deployments, pods)
         if due is not None:
             due = await self.measure(key, body, deployments, pods, due)
-        plan = life.decide(body, self.source(key, body), deployments, pods, now, self.life, due)
+        watch = life.monitoring_due(body, deployments, now)
+        drift = await self.drift(key, deployments, pods, watch) if watch is not None else None
+        plan = life.decide(body, self.source(key, body), deployments, pods, now, self.life, due, drift)
         static = [b.service(body), b.pod_disruption_budget(body)]
         if (body.get("spec") or {}).get("autoscaling"):
             static.append(b.autoscaler(body))
@@ -117,6 +121,22 @@ class ModelDeployments(ApplyOwner):
                     self.failed[mark] = (time.monotonic() + 30, str(e))  # unreachable pods: not on every pass
                     log.info("no baseline for %s/%s revision %s: %s", *key, which, e)
 
+    def _selector(self, key: Key, revision: str) -> dict[str, str]:
+        return {NAMESPACE_LABEL: key[0], MD_TARGET_LABEL: b.base(key[1]), REVISION_TARGET_LABEL: revision}
+
+    async def drift(self, key: Key, deployments: list[Obj], pods: list[Any], number: int) -> life.Monitoring:
+        """The drift gauges of revision `number`'s servers."""
+        which = next((r.key for r in life.revisions(deployments) if r.number == number), None)
+        if which is None:
+            return life.Monitoring(number, error="revision not found")
+        try:
+            if self.prometheus is not None:
+                return life.Monitoring(number, tuple(await self.prometheus.drift(self._selector(key, which))))
+            scraped = await am.scrape(self._targets(pods, which))
+        except am.AnalysisUnavailable as e:
+            return life.Monitoring(number, error=str(e)[:512])
+        return life.Monitoring(number, tuple(c.drift for c in scraped.values() if c.drift is not None))
+
     async def measure(
         self, key: Key, body: dict[str, Any], deployments: list[dict[str, Any]], pods: list[Any], due: life.Analysis
     ) -> life.Analysis:
@@ -124,17 +144,18 @@ class ModelDeployments(ApplyOwner):
         if candidate is None:
             return due
         samples: list[am.Sample | None] = []
+        by_class = "maxPredictionDrift" in (((body.get("spec") or {}).get("rollout") or {}).get("analysis") or {})
         try:
             for which in (candidate, stable):
                 if which is None:
                     samples.append(None)
                 elif self.prometheus is not None:
-                    selector = {
-                        NAMESPACE_LABEL: key[0],
-                        MD_TARGET_LABEL: b.base(key[1]),
-                        REVISION_TARGET_LABEL: which,
-                    }
-                    samples.append(await self.prometheus.sample(selector, due.window))
+                    selector = self._selector(key, which)
+                    sample = await self.prometheus.sample(selector, due.window)
+                    if by_class:
+                        predictions = await self.prometheus.predictions(selector, due.window)
+                        sample = dataclasses.replace(sample, predictions=predictions or None)
+                    samples.append(sample)
                 else:
                     base = self.baselines.get((key, which, due.revision, due.step))
                     if base is None:

@@ -1,10 +1,11 @@
 """The ModelDeployment state machine: source -> revisions (stable, candidate) -> canary steps with analysis ->
 promotion or rollback. Pure.
 
-``decide(md, source, deployments, pods, now, config, analysis)`` returns a Plan. The rollout state lives on the
-revisions' Deployments (role, canary step, when the step's replicas were all ready), so every pass recomputes the
-same decision from what exists; the status is a report. ``analysis_due`` tells the handler when to read the
-metrics it passes back in as ``analysis``.
+``decide(md, source, deployments, pods, now, config, analysis, monitoring)`` returns a Plan. The rollout state
+lives on the revisions' Deployments (role, canary step, when the step's replicas were all ready), so every pass
+recomputes the same decision from what exists; the status is a report. ``analysis_due`` and ``monitoring_due`` tell
+the handler when to read the metrics it passes back in as ``analysis`` (a canary step) and ``monitoring`` (drift of
+the serving revision from its reference profile).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln_artifacts.contract import ExitCode, read_termination_message
+from kiln_artifacts.profile import js_distance
 from kiln_operator import labels
-from kiln_operator.analysis import Sample
+from kiln_operator.analysis import PodDrift, Sample
 from kiln_operator.builders import modeldeployment as b
 from kiln_operator.lifecycle.plan import Plan
-from kiln_operator.status import Condition, flag, kstatus, merge_conditions, parse_time, rfc3339
+from kiln_operator.status import Condition, find, flag, kstatus, merge_conditions, parse_time, rfc3339
 
 Obj = dict[str, Any]
 HISTORY = 20
@@ -54,6 +56,15 @@ class Analysis:
     window: int
     candidate: Sample | None = None
     stable: Sample | None = None
+    error: str | None = None  # metrics could not be read
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """The drift gauges the handler read from the serving revision's servers (one PodDrift per pod that answered)."""
+
+    revision: int
+    pods: tuple[PodDrift, ...] = ()
     error: str | None = None  # metrics could not be read
 
 
@@ -233,7 +244,29 @@ def verdict(analysis: Mapping[str, Any], a: Analysis) -> tuple[str, str]:
         return "Wait", f"{c.requests:.0f} of minRequests {min_requests} requests so far ({figures})"
     if p95_limit is not None and c.p95_ms is not None and c.p95_ms > float(p95_limit):
         return "Fail", f"p95 latency {c.p95_ms:.1f} ms > maxP95LatencyMs {p95_limit} ({figures})"
+    drift_limit = analysis.get("maxPredictionDrift")
+    if drift_limit is not None:
+        drift = prediction_drift(a)
+        if drift is None:
+            return "Wait", f"no answers by class from both revisions yet for maxPredictionDrift ({figures})"
+        if drift > float(drift_limit):
+            return "Fail", (
+                f"prediction drift {drift:.3f} from the stable revision > maxPredictionDrift {drift_limit} ({figures})"
+            )
+        figures += f"; prediction drift {drift:.3f}"
     return "Pass", figures
+
+
+def prediction_drift(a: Analysis) -> float | None:
+    """Jensen-Shannon distance between the candidate's and the stable revision's answers by class in the window;
+    None unless both answered."""
+    if a.candidate is None or a.stable is None or not a.candidate.predictions or not a.stable.predictions:
+        return None
+    c, s = a.candidate.predictions, a.stable.predictions
+    classes = sorted(set(c) | set(s))
+    if sum(c.values()) <= 0 or sum(s.values()) <= 0:
+        return None
+    return js_distance([max(c.get(k, 0.0), 0.0) for k in classes], [max(s.get(k, 0.0), 0.0) for k in classes])
 
 
 def _ms(value: float | None) -> str:
@@ -341,6 +374,7 @@ def decide(
     now: float,
     config: Config = Config(),
     analysis: Analysis | None = None,
+    monitoring: Monitoring | None = None,
 ) -> Plan:
     """One reconcile pass of a ModelDeployment, from its source's promoted artifact (``source``: the
     ModelCompression or TrainingJob it follows, or None), the revisions' ``deployments`` and ``pods``, and the
@@ -348,13 +382,15 @@ def decide(
     serve with how many replicas (a new artifact starts a candidate; a canary step advances when its replicas are
     ready, its pause or approval has passed and its analysis says Pass; the candidate is promoted after the last
     step, or rolled back on a fatal pod problem, the progress deadline or a failed analysis), the traffic children
-    (HTTPRoute and per-revision Services with a Gateway), and the status that reports all of it."""
+    (HTTPRoute and per-revision Services with a Gateway), the status that reports all of it, and, from the
+    ``monitoring`` read (``monitoring_due`` says when), whether the serving revision drifts from its reference."""
     old: Obj = dict(md.get("status") or {})
     status: Obj = {k: v for k, v in old.items() if k != "conditions"}
     status["observedGeneration"] = md["metadata"].get("generation")
     p = _Pass(md, now, config, Plan(status=status))
     _revisions(p, old, source, deployments, pods, analysis)
     _traffic(p)
+    _monitor(p, old, monitoring)
     return p.plan
 
 
@@ -480,6 +516,9 @@ def _revisions(
             }.items()
             if v is not None
         }
+        drift = prediction_drift(analysis)
+        if drift is not None and "candidate" in status["analysis"]:
+            status["analysis"]["candidate"]["predictionDrift"] = round(drift, 6)
         if analysis.stable is not None and analysis.stable.p95_ms is not None:
             status["p95LatencyMs"] = round(analysis.stable.p95_ms, 3)
         if a_verdict[0] == "Fail":
@@ -685,3 +724,122 @@ def _report(
         status["phase"] = "Pending"
     status["conditions"] = merge_conditions(old.get("conditions"), p.conds, md["metadata"].get("generation"), p.now)
     return p.plan
+
+
+# ------------------------------------------------------------------------------------------------ monitoring
+
+
+def _monitoring_spec(md: Mapping[str, Any]) -> Mapping[str, Any]:
+    return (md.get("spec") or {}).get("monitoring") or {}
+
+
+def monitoring_due(md: Mapping[str, Any], deployments: Sequence[Mapping[str, Any]], now: float) -> int | None:
+    """The serving revision whose drift to read now, or None: every intervalSeconds while monitoring is on and a
+    stable revision has ready pods, and at once when the serving revision changed."""
+    mon = _monitoring_spec(md)
+    if not mon.get("enabled", True):
+        return None
+    stable = next((r for r in reversed(revisions(deployments)) if r.role == "stable"), None)
+    if stable is None or stable.ready < 1:
+        return None
+    last = (md.get("status") or {}).get("monitoring") or {}
+    when = parse_time(last.get("time"))
+    if last.get("revision") == stable.number and when is not None and now - when < _interval(mon):
+        return None
+    return stable.number
+
+
+def _interval(mon: Mapping[str, Any]) -> int:
+    return int(mon.get("intervalSeconds", 60))
+
+
+def drift_report(
+    reading: Monitoring, mon: Mapping[str, Any], old: Mapping[str, Any], now: float
+) -> tuple[Obj, Condition]:
+    """status.monitoring and the Drifting condition from one reading. Pods with fewer than minSamples in their
+    window have no say: a handful of requests is noise, not drift. A signal's score is the mean of the pods' that
+    have, weighted by their samples (each pod sees a random share of the same traffic)."""
+    min_samples = int(mon.get("minSamples", 200))
+    default = float(mon.get("driftThreshold", 0.2))
+    overrides = mon.get("thresholds") or {}
+    out: Obj = {"time": rfc3339(now), "revision": reading.revision, "minSamples": min_samples}
+    if reading.error:
+        out["message"] = f"drift metrics unavailable: {reading.error}"[:1024]
+        return out, Condition("Drifting", "Unknown", "MetricsUnavailable", out["message"])
+    pods = reading.pods
+    out["pods"] = len(pods)
+    if not pods:
+        out["message"] = "no serving pod reports drift figures yet"
+        return out, Condition("Drifting", "Unknown", "NoData", out["message"])
+    out["samples"] = int(sum(pd.samples for pd in pods))
+    refs = sorted({pd.reference for pd in pods if pd.reference})
+    if refs:
+        out["reference"] = ",".join(refs)[:32]
+    anomalies: dict[str, float] = {}
+    for pd in pods:
+        for kind, count in pd.anomalies.items():
+            anomalies[kind] = anomalies.get(kind, 0.0) + count
+    out["anomalies"] = {k: round(v) for k, v in sorted(anomalies.items())}
+    judged = [pd for pd in pods if pd.samples >= min_samples and pd.scores]
+    if not judged:
+        most = max(int(pd.samples) for pd in pods)
+        ref = f" (reference from {refs[0]})" if refs else ""
+        out["message"] = f"no pod has minSamples {min_samples} samples in its window yet (most: {most}){ref}"
+        return out, Condition("Drifting", "Unknown", "NotEnoughSamples", out["message"])
+    before = {s.get("name"): s for s in ((old.get("monitoring") or {}).get("signals") or [])}
+    signals, over = [], []
+    for name in sorted({n for pd in judged for n in pd.scores}):
+        weights = [(pd.scores[name], pd.samples) for pd in judged if name in pd.scores]
+        score = sum(v * w for v, w in weights) / sum(w for _, w in weights)
+        limit = float(
+            overrides.get(name, next((pd.thresholds[name] for pd in judged if name in pd.thresholds), default))
+        )
+        entry: Obj = {"name": name, "score": round(score, 6), "threshold": limit, "drifting": score > limit}
+        if score > limit:
+            was = before.get(name) or {}
+            entry["since"] = was.get("since") if was.get("drifting") and was.get("since") else rfc3339(now)
+            over.append(f"{name} {score:.3f} > {limit:g}")
+        signals.append(entry)
+    out["signals"] = signals
+    figures = f"{out['samples']} samples in {len(pods)} pods, reference: {out.get('reference', 'unknown')}"
+    if over:
+        return out, Condition("Drifting", "True", "DriftDetected", f"{', '.join(over)} ({figures})"[:4096])
+    top = max(signals, key=lambda e: e["score"] - e["threshold"])
+    msg = f"no signal over its threshold; nearest: {top['name']} {top['score']:.3f} <= {top['threshold']:g} ({figures})"
+    return out, Condition("Drifting", "False", "WithinReference", msg[:4096])
+
+
+def _monitor(p: _Pass, old: Obj, reading: Monitoring | None) -> None:
+    """status.monitoring, the Drifting condition and an Event when it turns True or back to False. Drifting never
+    changes Ready: a model that drifts still answers; people decide what to do about it (alerts, retraining)."""
+    md, status = p.md, p.plan.status
+    mon = _monitoring_spec(md)
+    generation = md["metadata"].get("generation")
+    if not mon.get("enabled", True):
+        status.pop("monitoring", None)
+        cond = Condition("Drifting", "Unknown", "MonitoringDisabled", "spec.monitoring.enabled is false")
+        status["conditions"] = merge_conditions(status.get("conditions"), [cond], generation, p.now)
+        return
+    stable = p.serving[0]
+    last = status.get("monitoring") or {}
+    if reading is not None and stable is not None and reading.revision == stable.number:
+        report, cond = drift_report(reading, mon, old, p.now)
+        status["monitoring"] = report
+        was = (find(old.get("conditions"), "Drifting") or {}).get("status")
+        if cond.status == "True" and was != "True":
+            p.plan.events.append(("Warning", "DriftDetected", f"revision {stable.number}: {cond.message}"[:1024]))
+        elif cond.status == "False" and was == "True":
+            p.plan.events.append(("Normal", "DriftResolved", f"revision {stable.number}: {cond.message}"[:1024]))
+        status["conditions"] = merge_conditions(status.get("conditions"), [cond], generation, p.now)
+        last = report
+    elif stable is None or last.get("revision") != stable.number:
+        status.pop("monitoring", None)
+        msg = "no serving revision yet" if stable is None else f"revision {stable.number} not measured yet"
+        cond = Condition("Drifting", "Unknown", "NoData", msg)
+        status["conditions"] = merge_conditions(status.get("conditions"), [cond], generation, p.now)
+        last = {}
+    if stable is not None and stable.ready > 0:
+        when = parse_time(last.get("time"))
+        wake = (when + _interval(mon) - p.now) if when is not None else 1.0
+        wake = max(wake, 1.0)
+        p.plan.requeue_after = wake if p.plan.requeue_after is None else min(p.plan.requeue_after, wake)
