@@ -91,6 +91,16 @@ def material(status: Mapping[str, Any]) -> str:
     return json.dumps({k: v for k, v in status.items() if k != "gpuSeconds"}, sort_keys=True, default=str)
 
 
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> Obj:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: a merge patch keeps what it does not name, at
+    every depth, so a key that went away inside a nested object (a message no longer true) must be nulled."""
+    patch: Obj = {k: None for k in old if k not in new}
+    for k, v in new.items():
+        was = old.get(k)
+        patch[k] = merge_patch(was, v) if isinstance(v, Mapping) and isinstance(was, Mapping) else v
+    return patch
+
+
 class Unseen:
     """Children this process created, applied or deleted that the watch has not shown yet, per object.
 
@@ -303,10 +313,8 @@ class Controller:
         old = body.get("status") or {}
         if material(old) == material(status):
             return
-        patch = dict(status)
-        patch.update({k: None for k in old if k not in status})
         updated = await self.client.patch(
-            self.kind.api_version, self.kind.kind, *key, {"status": patch}, subresource="status"
+            self.kind.api_version, self.kind.kind, *key, {"status": merge_patch(old, status)}, subresource="status"
         )
         if updated is not None:
             self.observe(updated, "MODIFIED")

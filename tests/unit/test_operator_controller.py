@@ -6,7 +6,7 @@ import itertools
 from typing import Any
 
 from kiln_operator.config import Config
-from kiln_operator.controller import ApplyOwner, JobOwner, Unseen, material
+from kiln_operator.controller import ApplyOwner, JobOwner, Unseen, material, merge_patch
 from kiln_operator.lifecycle.plan import Plan, job
 from kiln_operator.resources import MODEL_DEPLOYMENT, TRAINING_JOB
 
@@ -244,3 +244,36 @@ def test_unseen_entries_expire_so_a_missed_event_cannot_pin_a_stale_copy():
     unseen = Unseen(ttl=0.0)
     unseen.created(KEY, a_job("run-1", rv="5"))
     assert unseen.overlay(KEY, []) == []
+
+
+def apply_merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server applies a merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = apply_merge_patch(out.get(k), v)
+    return out
+
+
+def test_the_status_patch_removes_what_went_away_at_every_depth():
+    old = {
+        "phase": "Ready",
+        "gone": {"a": 1},
+        "monitoring": {"message": "not enough samples", "samples": 16, "deep": {"x": 1, "y": 2}},
+        "list": [{"a": 1}, {"b": 2}],
+    }
+    new = {
+        "phase": "Ready",
+        "monitoring": {"samples": 320, "signals": [{"name": "prediction"}], "deep": {"y": 3}},
+        "list": [{"b": 2}],
+    }
+    patch = merge_patch(old, new)
+    assert patch["gone"] is None
+    assert patch["monitoring"]["message"] is None
+    assert patch["monitoring"]["deep"] == {"x": None, "y": 3}
+    assert apply_merge_patch(old, patch) == new
+    assert apply_merge_patch({}, merge_patch({}, new)) == new
