@@ -1,8 +1,10 @@
 """kiln_artifacts: one store and one manifest shared by the trainer, compressor, server and operator.
 
-See README "Artifacts". Heavy or optional dependencies (s3fs, huggingface_hub, numpy, moto) are imported
-lazily, where they are needed.
+See README "Artifacts". Heavy or optional dependencies (s3fs, huggingface_hub, numpy, moto, cryptography) are
+imported lazily, where they are needed.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ArtifactError,
@@ -13,9 +15,14 @@ from .errors import (
     InvalidManifestError,
     InvalidNameError,
     InvalidURIError,
+    KeyFileError,
     NotPromotedError,
     PublishConflictError,
     ReadOnlyStoreError,
+    SignatureMismatchError,
+    UnsignedArtifactError,
+    UntrustedArtifactError,
+    UntrustedKeyError,
 )
 from .load import ArtifactInfo, LoadedArtifact, list_artifacts, load, manifest_for_folder, read_manifest
 from .manifest import (
@@ -34,6 +41,22 @@ from .registry import ModelVersion, Registry
 from .retention import Decision, RetentionPlan, RetentionPolicy, apply_retention, cleanup, plan_retention
 from .uri import ArtifactURI, parse_uri
 
+if TYPE_CHECKING:
+    from .signing import Signer, TrustedKeys, key_id, signers, verify_manifest
+
+# The signing names are resolved on first use: `python -m kiln_artifacts.signing` must find that module not yet
+# imported (runpy warns otherwise), and programs that never sign skip it.
+_SIGNING = ("Signer", "TrustedKeys", "key_id", "signers", "verify_manifest")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SIGNING:
+        from . import signing
+
+        return getattr(signing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "MANIFEST_NAME",
     "Artifact",
@@ -50,6 +73,7 @@ __all__ = [
     "InvalidManifestError",
     "InvalidNameError",
     "InvalidURIError",
+    "KeyFileError",
     "Lineage",
     "LoadedArtifact",
     "Manifest",
@@ -62,10 +86,17 @@ __all__ = [
     "Registry",
     "RetentionPlan",
     "RetentionPolicy",
+    "SignatureMismatchError",
+    "Signer",
+    "TrustedKeys",
+    "UnsignedArtifactError",
+    "UntrustedArtifactError",
+    "UntrustedKeyError",
     "apply_retention",
     "cleanup",
     "compute_digest",
     "delete",
+    "key_id",
     "library_versions",
     "list_artifacts",
     "load",
@@ -75,4 +106,6 @@ __all__ = [
     "plan_retention",
     "publish",
     "read_manifest",
+    "signers",
+    "verify_manifest",
 ]

@@ -31,7 +31,8 @@ PROGRESS_MARK = "kiln-progress "
 class ExitCode(enum.IntEnum):
     """Every Kiln workload's exit codes. 0-5 mean the same for every program; the operator maps each to a
     failure class (``FAILURE_CLASS``) and a retry budget. The server's startup failures have codes of their own
-    (10-13), so no code means one thing for the trainer and another for the server."""
+    (10-13), so no code means one thing for the trainer and another for the server; 14 is any reader's refusal of
+    an artifact that its trusted keys do not vouch for (compressor, server)."""
 
     SUCCEEDED = 0
     UNKNOWN = 1  # an unexpected exception (Python's own code for an uncaught exception; traceback in the log)
@@ -44,6 +45,7 @@ class ExitCode(enum.IntEnum):
     CONTRACT = 11  # the artifact is not a servable model (format, task, kiln-model.json, graph inputs/outputs)
     RUNTIME = 12  # ONNX Runtime could not create the session or the warm-up failed
     PORT = 13  # a port could not be bound
+    UNTRUSTED = 14  # the artifact is unsigned, tampered with, or signed by an untrusted key
 
 
 # The failure class (TrainingJob/ModelCompression status.failure.class) each exit code stands for.
@@ -59,6 +61,7 @@ FAILURE_CLASS: dict[int, str | None] = {
     ExitCode.CONTRACT: "UserError",
     ExitCode.RUNTIME: "Infrastructure",
     ExitCode.PORT: "Infrastructure",
+    ExitCode.UNTRUSTED: "Untrusted",
 }
 # The termination message's ``reason`` values a workload writes (FAILURE_CLASS's values, and "Succeeded").
 REASONS = frozenset(c for c in FAILURE_CLASS.values() if c) | {"Succeeded"}
@@ -102,6 +105,12 @@ class Preempted(WorkloadError):
 
 class ParityError(WorkloadError):
     code = ExitCode.PARITY_CHECK
+
+
+class UntrustedError(WorkloadError):
+    """An input artifact failed the signature check its program was told to make (--trusted-keys)."""
+
+    code = ExitCode.UNTRUSTED
 
 
 # ------------------------------------------------------------------------------------------ termination message

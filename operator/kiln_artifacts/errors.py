@@ -56,3 +56,37 @@ class ReadOnlyStoreError(ArtifactError):
 
 class NotPromotedError(ArtifactError, LookupError):
     """No promoted version of a model (or not that version) in the registry."""
+
+
+class KeyFileError(ArtifactError, ValueError):
+    """A signing key or trusted key that cannot be used (unreadable, not PEM, not Ed25519); names the file."""
+
+
+class UntrustedArtifactError(ArtifactError):
+    """The artifact's manifest does not carry a valid signature by a trusted key; ``reason`` says which rule failed.
+
+    Raised only when the caller asked for trusted keys; ``uri`` names the artifact."""
+
+    reason = "Untrusted"
+
+    def __init__(self, uri: str, message: str) -> None:
+        self.uri = uri
+        super().__init__(f"{uri}: {message}")
+
+
+class UnsignedArtifactError(UntrustedArtifactError):
+    """The manifest has no signatures at all."""
+
+    reason = "Unsigned"
+
+
+class SignatureMismatchError(UntrustedArtifactError):
+    """A signature by a trusted key does not verify: the manifest was changed after it was signed."""
+
+    reason = "SignatureInvalid"
+
+
+class UntrustedKeyError(UntrustedArtifactError):
+    """Every signature is by a key outside the trusted set; the message lists the artifact's and the trusted ids."""
+
+    reason = "UntrustedKey"

@@ -11,9 +11,16 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
-from .errors import ArtifactError, ArtifactNotFoundError, IntegrityError, InvalidManifestError, InvalidNameError
+from .errors import (
+    ArtifactError,
+    ArtifactNotFoundError,
+    IntegrityError,
+    InvalidManifestError,
+    InvalidNameError,
+    UnsignedArtifactError,
+)
 from .hashing import hash_file
 from .manifest import (
     MANIFEST_NAME,
@@ -27,6 +34,9 @@ from .publish import STAGING_DIR, scan_source
 from .settings import default_cache_dir
 from .storage import Location, resolve
 from .uri import ArtifactURI, parse_uri
+
+if TYPE_CHECKING:
+    from .signing import TrustedKeys
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,8 @@ class LoadedArtifact:
     manifest: Manifest
     _unverified: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The trusted key whose signature verified the manifest; None when loaded without trusted keys.
+    trusted_key: str | None = None
 
     @property
     def digest(self) -> str:
@@ -81,21 +93,45 @@ class LoadedArtifact:
             self.path(rel)
 
 
-def read_manifest(uri: str | ArtifactURI) -> Manifest:
-    """The validated manifest of the artifact at ``uri``; ArtifactNotFoundError if it has none (not complete)."""
+def read_manifest(uri: str | ArtifactURI, *, trusted_keys: TrustedKeys | None = None) -> Manifest:
+    """The validated manifest of the artifact at ``uri``; ArtifactNotFoundError if it has none (not complete).
+    With ``trusted_keys``, its signature is verified first (kiln_artifacts.signing.verify_manifest)."""
     loc = resolve(uri)
-    return _read_manifest(loc)
+    return _read_verified(loc, trusted_keys)[0]
 
 
-def _read_manifest(loc: Location) -> Manifest:
+def read_manifest_bytes(uri: str | ArtifactURI) -> tuple[bytes, str]:
+    """The manifest exactly as stored, unchecked, and the artifact's canonical URI (what signatures are checked on)."""
+    loc = resolve(uri)
+    return _manifest_bytes(loc), str(loc.uri)
+
+
+def _manifest_bytes(loc: Location) -> bytes:
     key = loc.child(MANIFEST_NAME)
     try:
-        data = loc.fs.cat_file(key)
+        return bytes(loc.fs.cat_file(key))
     except (FileNotFoundError, NotADirectoryError):
         raise ArtifactNotFoundError(
             f"{loc.uri}: no artifact ({MANIFEST_NAME} missing; an unfinished publish never has one)"
         ) from None
-    return parse_manifest(data, where=f"{loc.uri}/{MANIFEST_NAME}")
+
+
+def _read_manifest(loc: Location) -> Manifest:
+    return parse_manifest(_manifest_bytes(loc), where=f"{loc.uri}/{MANIFEST_NAME}")
+
+
+def _read_verified(loc: Location, trusted_keys: TrustedKeys | None) -> tuple[Manifest, str | None, bytes]:
+    """(manifest, the trusted key that verified it or None, the stored bytes). The signature is checked on the
+    stored bytes before the manifest is even parsed: what was signed is what was stored, fields unknown here too."""
+    raw = _manifest_bytes(loc)
+    where = f"{loc.uri}/{MANIFEST_NAME}"
+    if trusted_keys is None:
+        return parse_manifest(raw, where=where), None, raw
+    from .signing import manifest_object, verify_manifest
+
+    doc = manifest_object(raw, where)
+    key = verify_manifest(doc, trusted_keys, where=str(loc.uri))
+    return parse_manifest(doc, where=where), key, raw
 
 
 def load(
@@ -105,26 +141,37 @@ def load(
     expected_digest: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     lazy_threshold: int = DEFAULT_LAZY_THRESHOLD,
+    trusted_keys: TrustedKeys | None = None,
 ) -> LoadedArtifact:
     """Load and verify an artifact. Local stores are read in place; s3:// is downloaded into a cache keyed by
     digest; hf:// is fetched with huggingface_hub and gets a manifest computed from its files.
 
     verify="full" hashes every file now; "lazy" checks presence and sizes now, hashes files up to
     ``lazy_threshold`` bytes now and bigger ones on first ``path()``/``open()`` or ``verify()``.
+    With ``trusted_keys``, the manifest's signature is verified before anything else (no file is read or
+    downloaded for an artifact that fails): UnsignedArtifactError, SignatureMismatchError or UntrustedKeyError.
     """
     if verify not in ("full", "lazy"):
         raise ValueError(f'verify: must be "full" or "lazy", got {verify!r}')
     parsed = parse_uri(uri)
     if parsed.scheme == "hf":
+        if trusted_keys is not None:
+            raise UnsignedArtifactError(
+                str(parsed), "unsigned: an hf:// source has no Kiln manifest to sign; publish it as an artifact first"
+            )
         loaded = _load_hf(parsed, cache_dir)
         _check_expected(loaded.uri, loaded.manifest, expected_digest)
         return loaded
     loc = resolve(parsed)
-    manifest = _read_manifest(loc)
+    manifest, key, raw = _read_verified(loc, trusted_keys)
     _check_expected(str(loc.uri), manifest, expected_digest)
     if loc.local is not None:
-        return _verified(str(loc.uri), loc.local, manifest, verify, lazy_threshold)
-    return _load_remote(loc, manifest, verify, Path(cache_dir) if cache_dir else default_cache_dir(), lazy_threshold)
+        loaded = _verified(str(loc.uri), loc.local, manifest, verify, lazy_threshold)
+    else:
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        loaded = _load_remote(loc, manifest, raw, verify, cache, lazy_threshold)
+    loaded.trusted_key = key
+    return loaded
 
 
 def _check_expected(uri: str, manifest: Manifest, expected: str | None) -> None:
@@ -180,7 +227,9 @@ def _verified(uri: str, root: Path, manifest: Manifest, verify: Verify, lazy_thr
     return LoadedArtifact(uri, root, manifest, later)
 
 
-def _load_remote(loc: Location, manifest: Manifest, verify: Verify, cache: Path, threshold: int) -> LoadedArtifact:
+def _load_remote(
+    loc: Location, manifest: Manifest, raw: bytes, verify: Verify, cache: Path, threshold: int
+) -> LoadedArtifact:
     uri = str(loc.uri)
     entry = cache / manifest.digest.removeprefix("sha256:")
     if (entry / MANIFEST_NAME).is_file():
@@ -198,7 +247,7 @@ def _load_remote(loc: Location, manifest: Manifest, verify: Verify, cache: Path,
         except FileNotFoundError as e:
             missing = next((f.path for f in manifest.files if not loc.fs.exists(loc.child(f.path))), None)
             raise IntegrityError(uri, missing, "missing") from e
-        (staging / MANIFEST_NAME).write_bytes(manifest.to_json())
+        (staging / MANIFEST_NAME).write_bytes(raw)  # the stored bytes, signatures and all
         loaded = _verified(uri, staging, manifest, verify, threshold)  # only verified copies enter the cache
         try:
             os.rename(staging, entry)

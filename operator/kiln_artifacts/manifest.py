@@ -2,11 +2,14 @@
 
 An artifact is a directory holding its files and ``kiln-manifest.json``. The artifact digest is computed from
 the file list alone (path, size, sha256 of each file), so two artifacts with the same bytes have the same digest
-whatever their metrics or lineage say.
+whatever their metrics or lineage say. The optional ``signatures`` cover the whole manifest instead; this module
+checks their form only, ``kiln_artifacts.signing`` makes and verifies them.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import math
@@ -34,6 +37,10 @@ _K8S_KIND = re.compile(r"^[A-Z][A-Za-z0-9]{0,62}$")
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 _DIGEST_PREAMBLE = b"kiln-artifact-v1\n"
+SIGNATURE_ALGORITHM = "ed25519"
+MAX_SIGNATURES = 16  # rotation needs two or three; a bound keeps a hostile manifest from costing many verifications
+KEY_ID = re.compile(r"^ed25519:[0-9a-f]{16}$")
+_SIGNATURE_FIELDS = ("keyId", "algorithm", "publicKey", "signature")
 
 
 def check_relative_path(path: object, what: str = "path") -> str:
@@ -75,6 +82,30 @@ def compute_digest(files: Iterable[FileEntry]) -> str:
     for entry in sorted(files, key=lambda f: f.path):
         h.update(f"{entry.sha256} {entry.size} {entry.path}\n".encode())
     return "sha256:" + h.hexdigest()
+
+
+def raw_key_id(public_key: bytes) -> str:
+    """The id of a raw 32-byte Ed25519 public key: "ed25519:" and the first 16 hex digits of its sha256."""
+    return f"{SIGNATURE_ALGORITHM}:" + hashlib.sha256(public_key).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One signature over the manifest (kiln_artifacts.signing): who signed (the key id and the embedded raw public
+    key) and the 64-byte Ed25519 signature."""
+
+    key_id: str
+    public_key: bytes
+    signature: bytes
+    algorithm: str = SIGNATURE_ALGORITHM
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "keyId": self.key_id,
+            "algorithm": self.algorithm,
+            "publicKey": base64.b64encode(self.public_key).decode(),
+            "signature": base64.b64encode(self.signature).decode(),
+        }
 
 
 @dataclass(frozen=True)
@@ -134,6 +165,7 @@ class Manifest:
     metrics: Mapping[str, float] = field(default_factory=dict)
     lineage: Lineage = field(default_factory=Lineage)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    signatures: tuple[Signature, ...] = ()
 
     @property
     def size(self) -> int:
@@ -146,7 +178,7 @@ class Manifest:
         raise KeyError(path)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "manifestVersion": MANIFEST_VERSION,
             "kind": self.kind,
             "digest": self.digest,
@@ -158,9 +190,12 @@ class Manifest:
             "lineage": self.lineage.to_dict(),
             "annotations": dict(self.annotations),
         }
+        if self.signatures:  # absent when unsigned, so unsigned manifests read as they always have
+            doc["signatures"] = [sig.to_dict() for sig in self.signatures]
+        return doc
 
     def to_json(self) -> bytes:
-        return (json.dumps(self.to_dict(), indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode()
+        return manifest_json(self.to_dict())
 
     @classmethod
     def build(
@@ -196,6 +231,11 @@ class Manifest:
         return parse_manifest(data, where="(new)")
 
 
+def manifest_json(doc: Mapping[str, Any]) -> bytes:
+    """The bytes of ``kiln-manifest.json`` for a manifest object (signed or not)."""
+    return (json.dumps(doc, indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode()
+
+
 def format_time(t: datetime) -> str:
     if t.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
@@ -226,7 +266,7 @@ def parse_manifest(data: bytes | str | Mapping[str, Any], *, where: str = "") ->
         shown = "missing" if version is None else f"unsupported version {version!r}"
         raise InvalidManifestError(where, [f"manifestVersion: {shown} (this library reads {MANIFEST_VERSION})"])
     known = {"manifestVersion", "kind", "digest", "format", "task", "createdAt", "files", "metrics", "lineage"}
-    known.add("annotations")
+    known.update(("annotations", "signatures"))
     for key in data:
         if key not in known:
             v.problem(str(key), f"unknown field (manifest version {MANIFEST_VERSION} has: {', '.join(sorted(known))})")
@@ -268,6 +308,7 @@ def parse_manifest(data: bytes | str | Mapping[str, Any], *, where: str = "") ->
     ):
         v.problem("annotations", "must be an object of string keys (letters, digits, '_.:/-') to string values")
         annotations = {}
+    signatures = _signatures(v, data.get("signatures", []))
     if v.problems:
         raise InvalidManifestError(where, v.problems)
     assert kind is not None
@@ -284,7 +325,18 @@ def parse_manifest(data: bytes | str | Mapping[str, Any], *, where: str = "") ->
         metrics=metrics,
         lineage=lineage,
         annotations=dict(annotations),
+        signatures=signatures,
     )
+
+
+def parse_signatures(data: Mapping[str, Any], *, where: str = "") -> tuple[Signature, ...]:
+    """The ``signatures`` of a manifest object, checked for form only (not verified); InvalidManifestError names
+    each problem as ``signatures[i].<field>: <rule>``."""
+    v = _Validator()
+    signatures = _signatures(v, data.get("signatures", []))
+    if v.problems:
+        raise InvalidManifestError(where, v.problems)
+    return signatures
 
 
 class _Validator:
@@ -348,6 +400,73 @@ def _files(v: _Validator, raw: object) -> list[FileEntry] | None:
         if any(other.startswith(path + "/") for other in seen):
             v.problem("files", f'"{path}" is both a file and a folder')
     return out
+
+
+def _base64(value: object, size: int) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return decoded if len(decoded) == size else None
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _signatures(v: _Validator, raw: object) -> tuple[Signature, ...]:
+    if not isinstance(raw, list):
+        v.problem("signatures", "must be a list of {keyId, algorithm, publicKey, signature}")
+        return ()
+    if len(raw) > MAX_SIGNATURES:
+        v.problem("signatures", f"at most {MAX_SIGNATURES} signatures, got {len(raw)}")
+        return ()
+    out: list[Signature] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        at = f"signatures[{i}]"
+        if not isinstance(item, Mapping):
+            v.problem(at, "must be an object {keyId, algorithm, publicKey, signature}")
+            continue
+        extra = set(item) - set(_SIGNATURE_FIELDS)
+        if extra:
+            v.problem(at, f"unknown field(s) {', '.join(sorted(map(str, extra)))}")
+        key_id, algorithm = item.get("keyId"), item.get("algorithm")
+        ok = True
+        if algorithm != SIGNATURE_ALGORITHM:
+            v.problem(f"{at}.algorithm", f'must be "{SIGNATURE_ALGORITHM}", got {algorithm!r}')
+            ok = False
+        public_key = _base64(item.get("publicKey"), 32)
+        if public_key is None:
+            shown = _shown(item.get("publicKey"))
+            v.problem(f"{at}.publicKey", f"must be the base64 of a raw 32-byte Ed25519 public key, got {shown}")
+            ok = False
+        signature = _base64(item.get("signature"), 64)
+        if signature is None:
+            v.problem(
+                f"{at}.signature",
+                f"must be the base64 of a 64-byte Ed25519 signature, got {_shown(item.get('signature'))}",
+            )
+            ok = False
+        if not isinstance(key_id, str) or not KEY_ID.match(key_id):
+            v.problem(f"{at}.keyId", f'must be "ed25519:" followed by 16 lowercase hex digits, got {key_id!r}')
+            ok = False
+        elif public_key is not None and raw_key_id(public_key) != key_id:
+            v.problem(f"{at}.keyId", f'"{key_id}" is not the id of publicKey (which is {raw_key_id(public_key)})')
+            ok = False
+        elif key_id in seen:
+            v.problem(f"{at}.keyId", f'"{key_id}" signs twice')
+            ok = False
+        if isinstance(key_id, str):
+            seen.add(key_id)
+        if ok:
+            assert public_key is not None
+            assert signature is not None
+            out.append(Signature(str(key_id), public_key, signature))
+    return tuple(out)
 
 
 def _metrics(v: _Validator, raw: object) -> dict[str, float]:

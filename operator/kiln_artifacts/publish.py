@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ArtifactExistsError,
@@ -44,10 +44,14 @@ from .manifest import (
     check_relative_path,
     compute_digest,
     format_time,
+    manifest_json,
     parse_manifest,
 )
 from .storage import Location, resolve
 from .uri import ArtifactURI, parse_uri, writable
+
+if TYPE_CHECKING:
+    from .signing import Signer
 
 STAGING_DIR = ".kiln-staging"
 LOCK_NAME = ".kiln-lock.json"
@@ -125,11 +129,13 @@ def publish(
     annotations: Mapping[str, str] | None = None,
     durable: bool = True,
     progress: ProgressCallback | None = None,
+    signer: Signer | None = None,
 ) -> Artifact:
     """Publish the local folder ``source`` as an artifact at ``dest`` (file://, pvc:// or s3://), atomically.
 
     Artifacts are immutable: publishing different files to a destination that holds an artifact raises
-    ArtifactExistsError; publishing the same files again returns the existing artifact.
+    ArtifactExistsError; publishing the same files again returns the existing artifact (as it is, signed or not).
+    With ``signer``, the manifest is signed before it is written, so the manifest write stays the one commit point.
     """
     uri = writable(parse_uri(dest, field="dest"))
     _check_dest_name(uri)
@@ -147,8 +153,8 @@ def publish(
     report = progress or (lambda _p: None)
     loc = resolve(uri, field="dest")
     if loc.local is not None:
-        return _publish_local(files, loc, meta, durable, report)
-    return _publish_s3(files, loc, meta, report)
+        return _publish_local(files, loc, meta, durable, report, signer)
+    return _publish_s3(files, loc, meta, report, signer)
 
 
 def _check_dest_name(uri: ArtifactURI) -> None:
@@ -157,6 +163,14 @@ def _check_dest_name(uri: ArtifactURI) -> None:
         raise InvalidNameError(f'dest "{uri}": an artifact needs a folder of its own, not the root of the store')
     if any(s.startswith(RESERVED_PREFIX) or s == MANIFEST_NAME for s in segments):
         raise InvalidNameError(f'dest "{uri}": names starting with "{RESERVED_PREFIX}" are reserved')
+
+
+def _final_manifest(manifest: Manifest, signer: Signer | None) -> tuple[Manifest, bytes]:
+    """The manifest as it will be committed, and its bytes: signed over exactly the object that is written."""
+    if signer is None:
+        return manifest, manifest.to_json()
+    doc = signer.sign(manifest.to_dict())
+    return parse_manifest(doc, where="(new)"), manifest_json(doc)
 
 
 def _source_digest(files: list[_SourceFile]) -> str:
@@ -189,7 +203,12 @@ def _same_or_conflict(dest: str, existing: Manifest, files: list[_SourceFile]) -
 
 
 def _publish_local(
-    files: list[_SourceFile], loc: Location, meta: dict[str, Any], durable: bool, report: ProgressCallback
+    files: list[_SourceFile],
+    loc: Location,
+    meta: dict[str, Any],
+    durable: bool,
+    report: ProgressCallback,
+    signer: Signer | None,
 ) -> Artifact:
     dest = Path(loc.path)
     uri = str(loc.uri)
@@ -204,10 +223,10 @@ def _publish_local(
     try:
         entries = _copy_files(files, staging, durable, report)
         _check_unchanged(files, entries)
-        manifest = Manifest.build(entries.values(), **meta)
+        manifest, body = _final_manifest(Manifest.build(entries.values(), **meta), signer)
         tmp = staging / f"{RESERVED_PREFIX}-manifest.tmp"
         with open(tmp, "xb") as f:
-            f.write(manifest.to_json())
+            f.write(body)
             if durable:
                 os.fsync(f.fileno())
         os.rename(tmp, staging / MANIFEST_NAME)
@@ -316,7 +335,9 @@ def lock_token(loc: Location) -> str | None:
         return None
 
 
-def _publish_s3(files: list[_SourceFile], loc: Location, meta: dict[str, Any], report: ProgressCallback) -> Artifact:
+def _publish_s3(
+    files: list[_SourceFile], loc: Location, meta: dict[str, Any], report: ProgressCallback, signer: Signer | None
+) -> Artifact:
     fs = loc.fs
     uri = str(loc.uri)
     manifest_key = loc.child(MANIFEST_NAME)
@@ -335,13 +356,13 @@ def _publish_s3(files: list[_SourceFile], loc: Location, meta: dict[str, Any], r
         wrote = True
         entries = _upload_files(files, loc, report)
         _check_unchanged(files, entries)
-        manifest = Manifest.build(entries.values(), **meta)
+        manifest, body = _final_manifest(Manifest.build(entries.values(), **meta), signer)
         _verify_uploaded(loc, manifest)
         if lock_token(loc) != token:  # our lock was broken by a cleanup: someone else may be writing here
             raise PublishConflictError(f"{uri}: the publish lock was taken over while uploading; nothing was published")
         report(Progress("verify"))
         try:
-            fs.pipe_file(manifest_key, manifest.to_json(), mode="create")  # the commit
+            fs.pipe_file(manifest_key, body, mode="create")  # the commit
         except FileExistsError:
             raced = parse_manifest(fs.cat_file(manifest_key), where=uri)
             if raced.digest == manifest.digest:

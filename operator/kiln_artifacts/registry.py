@@ -28,8 +28,8 @@ from .errors import (
     InvalidNameError,
     NotPromotedError,
 )
-from .load import LoadedArtifact, Verify, load, read_manifest
-from .manifest import RESERVED_PREFIX, format_time, parse_time
+from .load import LoadedArtifact, Verify, load, read_manifest_bytes
+from .manifest import KEY_ID, MANIFEST_NAME, RESERVED_PREFIX, format_time, parse_manifest, parse_time
 from .storage import Location, resolve
 from .uri import ArtifactURI, parse_uri, writable
 
@@ -62,9 +62,12 @@ class ModelVersion:
     format: str | None = None
     task: str | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    # Key ids whose signatures verified on the manifest when it was promoted (kiln_artifacts.signing.signers);
+    # empty for an unsigned artifact. A record of who signed, not a judgement of trust.
+    signed_by: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "recordVersion": RECORD_VERSION,
             "name": self.name,
             "version": self.version,
@@ -77,6 +80,9 @@ class ModelVersion:
             "task": self.task,
             "metrics": dict(self.metrics),
         }
+        if self.signed_by:  # absent when unsigned, as in records written before signatures existed
+            doc["signedBy"] = list(self.signed_by)
+        return doc
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> ModelVersion:
@@ -86,6 +92,10 @@ class ModelVersion:
         for key, kind in (("name", str), ("version", int), ("digest", str), ("uri", str), ("promotedAt", str)):
             if not isinstance(data.get(key), kind):
                 problems.append(f"{key}: required {kind.__name__}")
+        signed_by = data.get("signedBy")
+        signed_by = [] if signed_by is None else signed_by
+        if not isinstance(signed_by, list) or not all(isinstance(k, str) and KEY_ID.match(k) for k in signed_by):
+            problems.append(f'signedBy: must be a list of key ids "ed25519:<16 hex>", got {signed_by!r}')
         if problems:
             raise InvalidManifestError(where, problems)
         return cls(
@@ -99,6 +109,7 @@ class ModelVersion:
             format=data.get("format"),
             task=data.get("task"),
             metrics=dict(data.get("metrics") or {}),
+            signed_by=list(signed_by),
         )
 
 
@@ -174,13 +185,18 @@ class Registry:
         """Record the complete artifact at ``artifact`` as the next version of ``name`` (no bytes copied).
 
         ``unless_latest`` makes a retried promotion idempotent: if the latest version already points at this
-        digest, that version is returned instead of a new one.
+        digest, that version is returned instead of a new one. The record's ``signed_by`` lists the keys whose
+        signatures verify on the artifact's manifest as it is now.
         """
+        from .signing import signers
+
         check_model_name(name)
         uri = parse_uri(artifact, field="artifact")
         if uri.scheme == "hf":
             raise ArtifactError(f'artifact "{uri}": promote a published artifact, not an hf:// source')
-        manifest = read_manifest(uri)
+        raw, where = read_manifest_bytes(uri)
+        manifest = parse_manifest(raw, where=f"{where}/{MANIFEST_NAME}")
+        signed_by = signers(raw, where=where)
         if expected_digest is not None and manifest.digest != expected_digest:
             raise IntegrityError(str(uri), None, f"holds artifact {manifest.digest}, expected {expected_digest}")
         numbers = self.version_numbers(name)
@@ -201,6 +217,7 @@ class Registry:
                 format=manifest.format,
                 task=manifest.task,
                 metrics=dict(manifest.metrics),
+                signed_by=signed_by,
             )
             body = (json.dumps(record.to_dict(), indent=2) + "\n").encode()
             if self._create(f"{self._dir(name)}/{candidate}.json", body):

@@ -42,6 +42,11 @@ class Config:
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     # This replica's name in Events (the Downward API's pod name; the host name outside a pod).
     pod_name: str = "kiln-operator"
+    # The operator's namespace (Downward API): its direct scrapes of the servers' metrics come from there, so each
+    # ModelDeployment's NetworkPolicy lets it in.
+    namespace: str = "kiln-system"
+    # Namespaces whose pods may scrape the servers' metrics port (where Prometheus runs).
+    monitoring_namespaces: tuple[str, ...] = ("monitoring",)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -65,6 +70,10 @@ class Config:
             prometheus_url=get("KILN_PROMETHEUS_URL"),
             metrics_address=get(METRICS_ADDRESS_ENV) or DEFAULT_METRICS_ADDRESS,
             pod_name=get("POD_NAME") or socket.gethostname(),
+            namespace=get("POD_NAMESPACE") or "kiln-system",
+            monitoring_namespaces=tuple(
+                n.strip() for n in (get("KILN_MONITORING_NAMESPACES") or "monitoring").split(",") if n.strip()
+            ),
         )
 
     @property

@@ -31,6 +31,14 @@ _PATHS: dict[tuple[str, str], tuple[str, str]] = {
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): ("/apis/gateway.networking.k8s.io/v1", "httproutes"),
+    ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    # Cluster-scoped: called with namespace "".
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): (
+        "/apis/rbac.authorization.k8s.io/v1",
+        "clusterrolebindings",
+    ),
     ("kiln.dev/v1alpha1", "TrainingJob"): ("/apis/kiln.dev/v1alpha1", "trainingjobs"),
     ("kiln.dev/v1alpha1", "ModelCompression"): ("/apis/kiln.dev/v1alpha1", "modelcompressions"),
     ("kiln.dev/v1alpha1", "ModelDeployment"): ("/apis/kiln.dev/v1alpha1", "modeldeployments"),
@@ -111,7 +119,7 @@ class Client:
     @staticmethod
     def _path(api_version: str, kind: str, namespace: str, name: str | None = None) -> tuple[str, str]:
         prefix, plural = _PATHS[(api_version, kind)]
-        url = f"{prefix}/namespaces/{namespace}/{plural}"
+        url = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
         return (f"{url}/{name}" if name else url), plural
 
     async def get(self, path: str, resource: str) -> Any:
@@ -136,7 +144,7 @@ class Client:
         """Server-side apply as the operator's field manager, forced: creates or updates in one idempotent call,
         and fields we applied before but no longer send are removed."""
         meta = obj["metadata"]
-        url, plural = self._path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        url, plural = self._path(obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"])
         try:
             _, text = await self._call(
                 "PATCH",

@@ -21,6 +21,9 @@ MODELDEPLOYMENT = "kiln.dev/modeldeployment"
 ATTEMPT = "kiln.dev/attempt"  # a Job's attempt number (TrainingJob, ModelCompression)
 SOURCE = "kiln.dev/source"  # a compressor Job's source artifact key
 REVISION = "kiln.dev/revision"  # a serving Deployment's revision key
+# A cluster-scoped child (which cannot have a namespaced owner reference): its owner's namespace and uid.
+OWNER_NAMESPACE = "kiln.dev/owner-namespace"
+OWNER_UID = "kiln.dev/owner-uid"
 
 # Set by Kubernetes or Kueue, read by Kiln.
 QUEUE = "kueue.x-k8s.io/queue-name"

@@ -71,7 +71,11 @@ def test_cluster_role_on_the_server_has_no_wildcards_and_matches_the_manifests(c
         for field in ("apiGroups", "resources", "verbs", "resourceNames"):
             assert not any("*" in item for item in rule.get(field, [])), rule
         assert "secrets" not in rule.get("resources", []), rule
-    (manifest,) = [d for d in rendered(cluster, MANIFESTS) if d["kind"] == "ClusterRole"]
+    (manifest,) = [
+        d
+        for d in rendered(cluster, MANIFESTS)
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "kiln-operator"
+    ]
     assert role["rules"] == manifest["rules"]
     assert role.get("aggregationRule") is None
     binding = cluster.get("clusterrolebinding", "kiln-operator")
@@ -102,6 +106,14 @@ ALLOWED = [
     ("delete", "horizontalpodautoscalers.autoscaling", "-n", "default"),
     ("get", "pods", "--subresource=log", "-n", "default"),
     ("create", "events", "-n", "default"),
+    # A NetworkPolicy per ModelDeployment; with auth, the servers' ServiceAccount and its two bindings.
+    ("create", "networkpolicies.networking.k8s.io", "-n", "default"),
+    ("create", "serviceaccounts", "-n", "default"),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "-n", "default"),
+    ("bind", "clusterroles.rbac.authorization.k8s.io/kiln-server-access-review", "-n", "default"),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+    ("list", "clusterrolebindings.rbac.authorization.k8s.io"),
+    ("bind", "clusterroles.rbac.authorization.k8s.io/kiln-server-tokenreview"),
 ]
 DENIED = [
     ("get", "secrets", "-n", "kiln-system"),
@@ -117,10 +129,37 @@ DENIED = [
     ("patch", "events", "-n", "default"),
     ("create", "customresourcedefinitions.apiextensions.k8s.io"),
     ("delete", "namespaces"),
-    ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+    ("bind", "clusterroles.rbac.authorization.k8s.io/cluster-admin"),
+    ("bind", "clusterroles.rbac.authorization.k8s.io/admin", "-n", "default"),
+    ("escalate", "clusterroles.rbac.authorization.k8s.io"),
+    ("create", "clusterroles.rbac.authorization.k8s.io"),
+    ("create", "roles.rbac.authorization.k8s.io", "-n", "default"),
     ("impersonate", "serviceaccounts", "-n", "kube-system"),
     ("*", "*", "--all-namespaces"),
 ]
+
+
+def test_the_operator_can_bind_the_servers_roles_and_no_other(cluster: Cluster, crds: None, namespace: str):
+    """RBAC's escalation check, as the API server applies it to the operator's own requests."""
+    cluster.kubectl("apply", "-k", str(MANIFESTS / "server-roles"))
+    who = f"--as={OPERATOR}"
+
+    def binding(kind: str, role: str, *where: str) -> str:
+        out = cluster.kubectl(
+            "create", kind, f"t-{role}", f"--clusterrole={role}", f"--serviceaccount={namespace}:x", *where,
+            "--dry-run=server", who, check=False,
+        )  # fmt: skip
+        return out.stdout + out.stderr
+
+    assert "created (server dry run)" in binding("clusterrolebinding", "kiln-server-tokenreview")
+    assert "created (server dry run)" in binding("rolebinding", "kiln-server-access-review", "-n", namespace)
+    for kind, role, *where in [
+        ("clusterrolebinding", "cluster-admin"),
+        ("rolebinding", "admin", "-n", namespace),
+    ]:
+        said = binding(kind, role, *where)
+        assert "forbidden" in said, (kind, role, said)
+        assert "attempting to grant RBAC permissions not currently held" in said, (kind, role, said)
 
 
 @pytest.mark.parametrize("check", ALLOWED, ids=" ".join)

@@ -21,6 +21,7 @@ from support.server import Broken, ServerProcess, image_request, onnx_artifact_o
 from support.waiting import wait_for
 
 import kiln_artifacts as ka
+from kiln_operator.builders import modeldeployment as b
 
 D1 = "sha256:" + "a" * 64
 
@@ -507,3 +508,61 @@ def test_manual_step_approved_while_the_operator_is_down_completes_after_restart
             )
     assert [h["outcome"] for h in st["history"]].count("Promoted") == 1
     assert [d["metadata"]["name"] for d in deployments(cluster, namespace, "manual")] == ["manual-dddddddddd"]
+
+
+def can_i(cluster: Cluster, who: str, *args: str) -> bool:
+    out = cluster.kubectl("auth", "can-i", *args, f"--as={who}", check=False)
+    assert out.stdout.strip() in ("yes", "no"), out.stderr
+    return out.stdout.strip() == "yes"
+
+
+def exists(cluster: Cluster, *ref: str) -> bool:
+    return cluster.kubectl("get", *ref, "-o", "name", check=False).returncode == 0
+
+
+def test_auth_gives_the_servers_an_identity_that_can_ask_exactly_two_questions(
+    cluster: Cluster, namespace: str, operator
+):
+    cluster.kubectl("apply", "-k", str(REPO / "manifests/server-roles"))
+    apply(cluster, namespace, serving("secure", service={"auth": "Kubernetes"}))
+    account = f"system:serviceaccount:{namespace}:secure-server"
+    binding = f"clusterrolebinding/{b.token_review_binding_name(namespace, 'secure')}"
+    children = [
+        ("serviceaccount/secure-server", "-n", namespace),
+        ("rolebinding/secure-server-access-review", "-n", namespace),
+        (binding,),
+    ]
+    wait_for(lambda: all(exists(cluster, *c) for c in children), what="the servers' identity and its bindings")
+    (dep,) = deployments(cluster, namespace, "secure")
+    pod = dep["spec"]["template"]["spec"]
+    assert (pod["serviceAccountName"], pod["automountServiceAccountToken"]) == ("secure-server", True)
+    # What RBAC really lets that identity do: the two reviews, in its own namespace only, and nothing else.
+    assert can_i(cluster, account, "create", "tokenreviews.authentication.k8s.io")
+    assert can_i(cluster, account, "create", "localsubjectaccessreviews.authorization.k8s.io", "-n", namespace)
+    assert not can_i(cluster, account, "create", "localsubjectaccessreviews.authorization.k8s.io", "-n", "default")
+    assert not can_i(cluster, account, "create", "subjectaccessreviews.authorization.k8s.io")
+    for denied in (("get", "secrets"), ("list", "pods"), ("get", "modeldeployments.kiln.dev")):
+        assert not can_i(cluster, account, *denied, "-n", namespace), denied
+    # The API server took the NetworkPolicy as built: serving ports from this namespace, metrics from the scrapers.
+    policy = cluster.get("networkpolicy/secure", "-n", namespace)
+    serving_rule, metrics_rule = policy["spec"]["ingress"]
+    assert serving_rule["from"] == [{"podSelector": {}}]
+    assert {p["port"] for p in metrics_rule["ports"]} == {"metrics"}
+    assert policy["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
+
+    # Auth switched off: the identity and its grants go (the ClusterRoleBinding too, which nothing owns).
+    cluster.kubectl("patch", "-n", namespace, "md/secure", "--type=merge", "-p", '{"spec":{"service":{"auth":"None"}}}')
+    wait_for(lambda: not any(exists(cluster, *c) for c in children), what="the servers' identity removed")
+    wait_for(
+        lambda: (
+            deployments(cluster, namespace, "secure")[0]["spec"]["template"]["spec"].get("serviceAccountName") is None
+        ),
+        what="the pods without the identity",
+    )
+    # On again, then the ModelDeployment deleted: its cluster-scoped binding is swept at once.
+    cluster.kubectl(
+        "patch", "-n", namespace, "md/secure", "--type=merge", "-p", '{"spec":{"service":{"auth":"Kubernetes"}}}'
+    )
+    wait_for(lambda: exists(cluster, binding), what="the binding back")
+    cluster.kubectl("delete", "-n", namespace, "md/secure")
+    wait_for(lambda: not exists(cluster, binding), what="the ClusterRoleBinding swept with its ModelDeployment")

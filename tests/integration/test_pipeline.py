@@ -10,8 +10,12 @@ Every wait is on a condition with a deadline; a timeout prints the Kiln objects'
 
 from __future__ import annotations
 
+import base64
 import copy
+import http.client
 import json
+import shutil
+import ssl
 import subprocess
 import threading
 import time
@@ -27,15 +31,19 @@ from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+import tritonclient.grpc as tg
 import yaml
 from support.cluster import PERMISSION_ERROR, REAL_NODE, REPO, RESTRICTED, Cluster
 from support.dashboards import check_queries, panel_queries, write_rule_file
+from support.pki import make_ca, make_leaf
 from support.prometheus import require_prometheus, run_prometheus
 from support.server import Broken, onnx_artifact_of
 from support.waiting import wait_for
+from tritonclient.utils import InferenceServerException
 
 import kiln_artifacts as ka
 from kiln_artifacts import samples
+from kiln_artifacts.signing import Signer, TrustedKeys, verify_manifest
 
 T = TypeVar("T")
 OPERATOR = ("-n", "kiln-system", "-l", "app.kubernetes.io/name=kiln-operator")
@@ -374,6 +382,224 @@ def check_payload_log(demo: Demo, digest: str, sent: dict[str, dict[str, Any]]) 
         np.testing.assert_array_equal(pixels.ravel(), np.asarray(tensor["data"], dtype=np.float32))
         assert list(pixels.shape) == tensor["shape"]
     demo.facts["payload_log"] = {"batches": len(infos), "records": len(logged), "ours": len(ours), "sent": len(sent)}
+
+
+def https(host: str, port: int, path: str, *, ca: Path, token: str | None, body: dict[str, Any] | None = None):
+    """(status, headers, JSON) of a request over TLS, the server's chain verified against `ca` only."""
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection(host, port, context=context, timeout=15)
+    try:
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+        conn.request("POST" if body else "GET", path, json.dumps(body).encode() if body else None, headers)
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), json.loads(r.read() or b"null")
+    finally:
+        conn.close()
+
+
+def grpc_call(address: str, ca: Path, token: str | None, model: str, x: np.ndarray) -> np.ndarray:
+    client = tg.InferenceServerClient(address, ssl=True, root_certificates=str(ca))
+    try:
+        pixels = tg.InferInput("pixel_values", list(x.shape), "FP32")
+        pixels.set_data_from_numpy(x)
+        headers = {"authorization": f"Bearer {token}"} if token else None
+        return client.infer(model, [pixels], headers=headers, client_timeout=30).as_numpy("logits")
+    finally:
+        client.close()
+
+
+def grpc_refused(address: str, ca: Path, token: str | None, model: str, x: np.ndarray) -> str:
+    with pytest.raises(InferenceServerException) as e:
+        grpc_call(address, ca, token, model, x)
+    return str(e.value.status())
+
+
+def test_a_signed_model_is_served_over_tls_to_authorised_callers_only(served: Demo, tmp_path: Path):
+    """Signed artifacts, TLS and the cluster's own authorisation, on real pods: an unsigned source refused by a
+    verifying compression; a signed compression promoted with its signer recorded; a deployment that verifies
+    it, serves it over TLS only to a ServiceAccount RBAC allows (REST and gRPC), follows a revoked RoleBinding
+    and a renewed certificate without a restart, and refuses a tampered copy while the stable revision serves."""
+    demo, ns = served, served.ns
+    signer, retired = Signer.generate(), Signer.generate()
+    cluster = demo.cluster
+    cluster.kubectl(
+        "create", "secret", "generic", "kiln-signing", "-n", ns, "--from-file=private-key.pem=/dev/stdin",
+        stdin=signer.private_pem().decode(),
+    )  # fmt: skip
+    trusted = {"retired.pem": retired.public_pem().decode(), "current.pem": signer.public_pem().decode()}
+    demo.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kiln-trusted-keys"}, "data": trusted})
+    compression = next(d for d in demo.samples if d["kind"] == "ModelCompression")
+
+    # A compression asked to verify its (unsigned) source refuses it before any work.
+    verifying = copy.deepcopy(compression)
+    verifying["metadata"]["name"] = "classifier-verified"
+    verifying["spec"]["verification"] = {"trustedKeysConfigMap": "kiln-trusted-keys"}
+    signing = copy.deepcopy(compression)
+    signing["metadata"]["name"] = "classifier-signed"
+    signing["spec"]["signing"] = {"secretName": "kiln-signing"}
+    demo.apply(verifying, signing)
+    st = demo.wait(
+        lambda: (s := demo.status("mc/classifier-verified")).get("phase") == "Failed" and s,
+        what="the unverified source refused",
+        timeout=300,
+    )
+    assert st["failure"]["class"] == "Untrusted", st["failure"]
+    assert "unsigned" in condition(st, "Compressed")["message"], st
+    promoted = demo.wait(
+        lambda: demo.status("mc/classifier-signed").get("promoted"), what="the signed model promoted", timeout=420
+    )
+    assert promoted["signedBy"] == [signer.key_id]
+    candidate = demo.load(promoted["uri"])
+    raw = (candidate.root / "kiln-manifest.json").read_bytes()
+    assert verify_manifest(raw, TrustedKeys.from_pem(signer.public_pem()), where=promoted["uri"]) == signer.key_id
+
+    # Served with every protection on: the certificate names the Service's address, so it is made once it has one.
+    md = copy.deepcopy(next(d for d in demo.samples if d["kind"] == "ModelDeployment"))
+    md["metadata"]["name"] = "secure"
+    md["spec"].update(
+        source={"modelCompressionRef": {"name": "classifier-signed"}},
+        replicas=1,
+        service={"auth": "Kubernetes", "tls": {"secretName": "secure-tls"}},
+        verification={"trustedKeysConfigMap": "kiln-trusted-keys"},
+    )
+    md["spec"].pop("monitoring", None)
+    demo.apply(md)
+    svc = demo.wait(lambda: demo.get("service/secure")["spec"], what="the Service", timeout=60)
+    ip, ports = svc["clusterIP"], {p["name"]: p["port"] for p in svc["ports"]}
+    names = [f"secure.{ns}.svc", f"secure.{ns}.svc.cluster.local"]
+
+    def tls_secret(leaf: Any) -> dict[str, Any]:
+        data = {"tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem}
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {"name": "secure-tls"},
+            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+        }
+
+    ca = make_ca("kiln-e2e")
+    ca_file = ca.write(tmp_path / "ca.pem")
+    demo.apply(tls_secret(make_leaf(ca, dns=names, ips=[ip])))
+    st = demo.wait(
+        lambda: (s := demo.status("md/secure")).get("phase") == "Ready" and s,
+        what="the secure model Ready",
+        timeout=300,
+    )
+    assert st["url"] == f"https://secure.{ns}.svc.cluster.local:{ports['http']}"
+    assert st["current"]["digest"] == promoted["digest"]
+
+    # Two callers: one RBAC lets create modeldeployments/predict on this deployment, one it does not.
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "secure-caller"},
+        "rules": [
+            {
+                "apiGroups": ["kiln.dev"],
+                "resources": ["modeldeployments/predict"],
+                "resourceNames": ["secure"],
+                "verbs": ["create"],
+            }
+        ],
+    }
+    grant = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "secure-caller"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "secure-caller"},
+        "subjects": [{"kind": "ServiceAccount", "name": "caller", "namespace": ns}],
+    }
+    for account in ("caller", "stranger"):
+        demo.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account}})
+    demo.apply(role, grant)
+    token = {
+        a: cluster.kubectl("create", "token", a, "-n", ns, "--duration=1h").stdout.strip()
+        for a in ("caller", "stranger")
+    }
+    dataset = demo.load(DATASET)
+    images, _ = samples.load_idx_dataset(dataset.root, "test")
+    body = request_for(images[:8])
+    x = np.asarray(body["inputs"][0]["data"], dtype=np.float32).reshape(body["inputs"][0]["shape"])
+    import onnxruntime as ort
+
+    (model,) = sorted(candidate.root.glob("*.onnx"))
+    (expected,) = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"pixel_values": x}
+    )
+    infer = "/v2/models/secure/infer"
+    code, headers, doc = https(ip, ports["http"], infer, ca=ca_file, token=None, body=body)
+    assert (code, headers.get("WWW-Authenticate", "").startswith("Bearer")) == (401, True), (code, headers, doc)
+    assert "outputs" not in doc
+    code, _, doc = https(ip, ports["http"], infer, ca=ca_file, token=token["stranger"], body=body)
+    assert code == 403, doc
+    assert f"system:serviceaccount:{ns}:stranger" in doc["error"]
+    code, _, doc = demo.wait(
+        lambda: (r := https(ip, ports["http"], infer, ca=ca_file, token=token["caller"], body=body))[0] == 200 and r,
+        what="the authorised caller answered",
+        timeout=30,
+    )
+    out = next(o for o in doc["outputs"] if o["name"] == "logits")
+    np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), expected, rtol=1e-4, atol=1e-4)
+    # Health stays open to anyone (the kubelet has no token), still over TLS only.
+    assert https(ip, ports["http"], "/v2/health/ready", ca=ca_file, token=None)[0] == 200
+    assert post(f"http://{ip}:{ports['http']}/v2/health/ready", {})[0] in (0, 400)  # plain HTTP gets no answer
+    address = f"{ip}:{ports['grpc']}"
+    assert grpc_refused(address, ca_file, None, "secure", x) == "StatusCode.UNAUTHENTICATED"
+    assert grpc_refused(address, ca_file, token["stranger"], "secure", x) == "StatusCode.PERMISSION_DENIED"
+    np.testing.assert_allclose(grpc_call(address, ca_file, token["caller"], "secure", x), expected, atol=1e-4)
+    # A client that trusts another CA does not get past the handshake.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        https(ip, ports["http"], infer, ca=make_ca("other").write(tmp_path / "other.pem"), token=None, body=body)
+
+    # The grant revoked: refused within the servers' cache lifetime (10 s), with no restart.
+    cluster.kubectl("delete", "rolebinding", "secure-caller", "-n", ns)
+    demo.wait(
+        lambda: https(ip, ports["http"], infer, ca=ca_file, token=token["caller"], body=body)[0] == 403,
+        what="the revoked caller refused",
+        timeout=30,
+    )
+    demo.apply(grant)
+
+    # The certificate renewed from another CA (as cert-manager would): served once the kubelet updates the volume.
+    renewed = make_ca("kiln-e2e-renewed")
+    renewed_file = renewed.write(tmp_path / "renewed.pem")
+    demo.apply(tls_secret(make_leaf(renewed, dns=names, ips=[ip])))
+
+    def renewed_served() -> bool:
+        try:
+            return https(ip, ports["http"], "/v2/health/ready", ca=renewed_file, token=None)[0] == 200
+        except ssl.SSLCertVerificationError:
+            return False  # still the old certificate
+
+    demo.wait(renewed_served, what="the renewed certificate served", timeout=180)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        https(ip, ports["http"], "/v2/health/ready", ca=ca_file, token=None)
+    np.testing.assert_allclose(grpc_call(address, renewed_file, token["caller"], "secure", x), expected, atol=1e-4)
+    before = demo.get("md/secure")["status"]["current"]["deployment"]
+    pods = demo.items("pods", f"kiln.dev/revision={before.rsplit('-', 1)[-1]}")
+    assert all(c["restartCount"] == 0 for p in pods for c in p["status"]["containerStatuses"])
+
+    # A copy whose lineage was edited after signing: refused by the server before it serves, rolled back, and the
+    # signed revision keeps serving the caller.
+    tampered = demo.store / f"kiln-store/uploads/{ns}/tampered"
+    shutil.copytree(demo.store / promoted["uri"].removeprefix("pvc://"), tampered)
+    doc = json.loads((tampered / "kiln-manifest.json").read_text())
+    doc["lineage"]["producer"]["name"] = "someone-else"
+    (tampered / "kiln-manifest.json").write_text(json.dumps(doc))
+    source = {"modelCompressionRef": None, "uri": f"pvc://kiln-store/uploads/{ns}/tampered"}
+    cluster.kubectl("patch", "-n", ns, "md/secure", "--type=merge", "-p", json.dumps({"spec": {"source": source}}))
+    st = demo.wait(
+        lambda: condition(s := demo.status("md/secure"), "RolledBack").get("status") == "True" and s,
+        what="the tampered artifact rolled back",
+        timeout=300,
+    )
+    rolled = condition(st, "RolledBack")
+    assert rolled["reason"] == "ArtifactUntrusted", rolled
+    assert "signature" in rolled["message"], rolled
+    assert st["current"]["digest"] == promoted["digest"]
+    code, _, doc = https(ip, ports["http"], infer, ca=renewed_file, token=token["caller"], body=body)
+    assert code == 200, doc
 
 
 def test_a_trainer_pod_deleted_mid_run_checkpoints_and_the_next_attempt_resumes(served: Demo):

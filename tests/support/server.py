@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import warnings
@@ -352,6 +353,8 @@ class ServerProcess:
             *args,
         ]
         self.proc: subprocess.Popen[bytes] | None = None
+        # With --tls-cert-file: how requests to the inference port verify the server (metrics stay plain HTTP).
+        self.client_ssl: ssl.SSLContext | None = None
 
     def start(self) -> ServerProcess:
         with open(self.log_path, "wb") as log:
@@ -373,7 +376,12 @@ class ServerProcess:
         port: int | None = None,
         timeout: float = 30,
     ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
+        port = port or self.port
+        conn = (
+            http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=self.client_ssl)
+            if self.client_ssl is not None and port == self.port
+            else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        )
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()

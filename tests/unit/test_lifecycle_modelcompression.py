@@ -150,7 +150,8 @@ def test_a_new_source_artifact_compresses_again_and_keeps_history():
 
 
 @pytest.mark.parametrize(
-    ("code", "reason", "retried"), [(4, "Infrastructure", True), (2, "UserError", False), (6, "ParityCheck", False)]
+    ("code", "reason", "retried"),
+    [(4, "Infrastructure", True), (2, "UserError", False), (6, "ParityCheck", False), (14, "Untrusted", False)],
 )
 def test_failures_retry_only_what_a_retry_can_fix(code, reason, retried):
     message = {"exitCode": code, "reason": reason, "message": "boom"}
@@ -162,6 +163,7 @@ def test_failures_retry_only_what_a_retry_can_fix(code, reason, retried):
         assert not plan.create
         assert plan.status["phase"] == "Failed"
         assert plan.status["failure"]["class"] == reason
+        assert "boom" in plan.status["failure"]["message"]  # the program's own words, whatever its class
 
 
 def test_conditions_change_at_the_time_the_pass_is_given():

@@ -271,6 +271,33 @@ def test_candidate_whose_model_does_not_load_is_rolled_back():
     assert w.by_role("candidate") is None
 
 
+def test_candidate_refused_as_untrusted_is_rolled_back_with_its_own_reason():
+    w = deployed({"rollout": CANARY, "verification": {"trustedKeysConfigMap": "keys"}})
+    w.step(mc(D2))
+    said = '{"reason": "Untrusted", "message": "artifact file:///reg/22222: signed by ed25519:0123 only, not trusted"}'
+    w.pods = [crashing("sentiment-2222-abc", "2222222222", ExitCode.UNTRUSTED, said)]
+    plan = w.step(mc(D2))
+    rolled = cond(plan.status, "RolledBack")
+    assert rolled["reason"] == "ArtifactUntrusted"
+    assert "not trusted" in rolled["message"]
+    assert w.by_role("candidate") is None
+    assert w.by_role("stable")["metadata"]["annotations"]["kiln.dev/artifact-digest"] == D1
+
+
+def test_stable_revision_refused_as_untrusted_is_degraded():
+    w = World(md(verification={"trustedKeysConfigMap": "keys"}))
+    w.step(mc(D1))
+    w.pods = [
+        crashing(
+            "sentiment-1111-abc", "1111111111", ExitCode.UNTRUSTED, '{"reason": "Untrusted", "message": "unsigned"}'
+        )
+    ]
+    plan = w.step(mc(D1))
+    degraded = cond(plan.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ArtifactUntrusted")
+    assert cond(plan.status, "Ready")["status"] == "False"
+
+
 def test_stable_crash_loop_is_degraded_not_ready():
     w = deployed()
     w.pods = [crashing("sentiment-1111-abc", "1111111111", 1, "Traceback ...")]

@@ -36,13 +36,21 @@ NAMESPACED_GRANTS = (
     | {("autoscaling", "horizontalpodautoscalers", verb) for verb in ("create", "patch", "delete")}
     | {("gateway.networking.k8s.io", "httproutes", verb) for verb in ("create", "patch", "delete")}
     | {("", "pods", "list"), ("", "pods", "watch"), ("", "pods/log", "get"), ("", "events", "create")}
+    | {("networking.k8s.io", "networkpolicies", verb) for verb in ("create", "patch")}
+    | {("", "serviceaccounts", verb) for verb in ("create", "patch", "delete")}
+    | {("rbac.authorization.k8s.io", "rolebindings", verb) for verb in ("create", "patch", "delete")}
+    | {("rbac.authorization.k8s.io", "clusterroles", "bind")}
 )
 CLUSTER_SCOPED_GRANTS = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     ("", "namespaces", "list"),
     ("", "namespaces", "watch"),
+    *(("rbac.authorization.k8s.io", "clusterrolebindings", verb) for verb in ("list", "create", "patch", "delete")),
+    ("rbac.authorization.k8s.io", "clusterroles", "bind"),
 }
+# The only roles the operator may bind (RBAC's escalation check): what an inference server with auth may ask.
+SERVER_ROLES = {"kiln-server-tokenreview", "kiln-server-access-review"}
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:
@@ -68,6 +76,12 @@ def with_components(tmp_path: Path, *components: str) -> list[dict[str, Any]]:
 
 def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def operator_role(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The operator's ClusterRole, beside the servers' (whose names it keeps: the operator binds them by name)."""
+    (doc,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] not in SERVER_ROLES]
     return doc
 
 
@@ -105,12 +119,28 @@ def test_no_rbac_rule_has_a_wildcard_or_touches_secrets(build):
             for field in ("apiGroups", "resources", "verbs", "resourceNames"):
                 assert not any("*" in item for item in rule.get(field, [])), (role["metadata"]["name"], rule)
             assert "secrets" not in rule.get("resources", []), (role["metadata"]["name"], rule)
-            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+            assert not {"escalate", "impersonate"} & set(rule["verbs"]), rule
+            if "bind" in rule["verbs"]:
+                # Binding only the servers' roles, each by name, and nothing else in the same rule.
+                assert rule["verbs"] == ["bind"], rule
+                assert rule["resources"] == ["clusterroles"], rule
+                assert rule["resourceNames"], rule
+                assert set(rule["resourceNames"]) <= SERVER_ROLES, rule
+
+
+def test_the_servers_roles_allow_exactly_the_two_reviews():
+    docs = kustomize(MANIFESTS)
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
+    assert grants(roles["kiln-server-tokenreview"]) == {("authentication.k8s.io", "tokenreviews", "create")}
+    # Local: a server can ask about its own namespace only, through the RoleBinding the operator makes there.
+    assert grants(roles["kiln-server-access-review"]) == {
+        ("authorization.k8s.io", "localsubjectaccessreviews", "create")
+    }
 
 
 def test_the_default_install_grants_exactly_what_the_operator_calls():
     docs = kustomize(MANIFESTS)
-    assert grants(only(docs, "ClusterRole")) == NAMESPACED_GRANTS | CLUSTER_SCOPED_GRANTS
+    assert grants(operator_role(docs)) == NAMESPACED_GRANTS | CLUSTER_SCOPED_GRANTS
     binding = only(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -127,7 +157,17 @@ def test_the_default_install_is_the_operator_only():
     docs = kustomize(MANIFESTS)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(
-        ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"]
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Service",
+            "NetworkPolicy",
+            "ClusterRole",  # the two a server with auth may be bound to
+            "ClusterRole",
+        ]
     )
     # Not the samples (custom resources, applied after the CRDs) and not the optional ServiceMonitor.
     assert not [d for d in docs if d["apiVersion"].startswith(("kiln.dev/", "monitoring.coreos.com/"))]
@@ -205,7 +245,7 @@ def test_namespaced_component_moves_the_namespaced_grants_into_a_role(tmp_path):
     deployment = only(docs, "Deployment")
     assert grants(role) == NAMESPACED_GRANTS
     # Only what has no namespace stays cluster-wide, read-only.
-    assert grants(only(docs, "ClusterRole")) == CLUSTER_SCOPED_GRANTS
+    assert grants(operator_role(docs)) == CLUSTER_SCOPED_GRANTS
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == deployment["metadata"]["namespace"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert [(s["kind"], s["namespace"], s["name"]) for s in binding["subjects"]] == [("ServiceAccount", *ACCOUNT)]
@@ -222,7 +262,7 @@ def test_namespaced_overlay_installs_into_an_existing_namespace():
     namespaced = [d for d in docs if d["kind"] not in ("ClusterRole", "ClusterRoleBinding")]
     assert {d["metadata"]["namespace"] for d in namespaced} == {"team-a"}
     binding = only(docs, "ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == only(docs, "ClusterRole")["metadata"]["name"] == "team-a-kiln-operator"
+    assert binding["roleRef"]["name"] == operator_role(docs)["metadata"]["name"] == "team-a-kiln-operator"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "team-a-kiln-operator", "namespace": "team-a"}]
 
 

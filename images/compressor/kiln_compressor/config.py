@@ -3,7 +3,8 @@
 The operator passes ``spec`` through unchanged in ``KILN_COMPRESSION_SPEC`` (or ``--spec FILE``); flags override
 single fields. Field names, enums, bounds and defaults are those of ``kiln_operator.api.modelcompression`` (the
 CRD), and so are its CEL rules; unknown fields are rejected so that a typo never passes silently. Fields that
-are the controller's business (image, resources, scheduling, promotion, ...) are accepted and ignored here.
+are the controller's business (image, resources, scheduling, promotion, ...) are accepted and ignored here. Keys
+(``--signing-key``, ``--trusted-keys``) are files mounted from a Secret and a ConfigMap, never part of the spec.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln_artifacts import InvalidURIError, Producer, parse_uri
+from kiln_artifacts import InvalidURIError, KeyFileError, Producer, parse_uri
 from kiln_artifacts.contract import (
     TERMINATION_LOG,
     TERMINATION_LOG_ENV,
@@ -25,6 +26,11 @@ from kiln_artifacts.contract import (
     spec_from,
 )
 
+if TYPE_CHECKING:
+    from kiln_artifacts.signing import Signer, TrustedKeys
+
+SIGNING_KEY_ENV = "KILN_SIGNING_KEY"
+TRUSTED_KEYS_ENV = "KILN_TRUSTED_KEYS"
 STEP_KINDS = ("export", "optimize", "quantize", "float16", "prune", "distill")
 TORCH_STEPS = ("prune", "distill")  # applied to the torch model, before the export
 ONNX_STEPS = ("optimize", "quantize", "float16")
@@ -32,6 +38,7 @@ PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecution
 DIGEST_CHARS = set("0123456789abcdef")
 CONTROLLER_FIELDS = {
     "image", "imagePullPolicy", "env", "resources", "scheduling", "podTemplate", "promotion", "labels",
+    "signing", "verification",  # reach the compressor as mounted keys and KILN_* variables
 }  # fmt: skip
 SPEC_FIELDS = {"source", "target", "recipe", "evaluation", "benchmark", "gates"} | CONTROLLER_FIELDS
 
@@ -92,6 +99,8 @@ class Config:
     spec: Mapping[str, Any] = field(default_factory=dict)
     producer: Producer | None = None  # the ModelCompression, for the candidate's lineage
     image: str | None = None
+    signer: Signer | None = field(default=None, repr=False, compare=False)  # signs the published candidate
+    trusted_keys: TrustedKeys | None = field(default=None, repr=False, compare=False)  # the source must verify
 
     @property
     def max_sequence_length(self) -> int:
@@ -118,7 +127,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: $KILN_THREADS or ORT's)")
     p.add_argument("--report-file", help="also write the full report here")
     p.add_argument("--termination-log", help="default: $KILN_TERMINATION_LOG or /dev/termination-log")
+    p.add_argument(
+        "--signing-key", help=f"Ed25519 private key (PKCS8 PEM) to sign the candidate with (${SIGNING_KEY_ENV})"
+    )
+    p.add_argument(
+        "--trusted-keys",
+        help=f"directory of Ed25519 public keys (PEM, one per file); the source must verify (${TRUSTED_KEYS_ENV})",
+    )
     return p
+
+
+def _keys(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Signer | None, TrustedKeys | None]:
+    """The signing key and the trusted keys, loaded now: a bad key fails before any work, naming its flag or
+    variable."""
+    from kiln_artifacts.signing import Signer, TrustedKeys
+
+    def source(flag: str, value: str | None, variable: str) -> tuple[str | None, str]:
+        return (value, flag) if value else (env.get(variable) or None, variable)
+
+    key, key_from = source("--signing-key", args.signing_key, SIGNING_KEY_ENV)
+    trusted, trusted_from = source("--trusted-keys", args.trusted_keys, TRUSTED_KEYS_ENV)
+    try:
+        signer = Signer.from_file(key, what=key_from) if key else None
+        keys = TrustedKeys.from_dir(trusted, what=trusted_from) if trusted else None
+    except KeyFileError as e:
+        raise UserError(str(e)) from None
+    return signer, keys
 
 
 def _spec_from(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
@@ -407,6 +441,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     threads = args.threads if args.threads is not None else int(env.get("KILN_THREADS") or 0)
     if not 0 <= threads <= 1024:
         raise UserError(f"--threads: must be in 0..1024, got {threads}")
+    signer, trusted_keys = _keys(args, env)
     return Config(
         source_uri=read_uri(src.get("uri"), "source.uri"),
         source_digest=_digest(src.get("digest"), "source.digest"),
@@ -434,4 +469,6 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         spec=spec,
         producer=producer_from("ModelCompression", env),
         image=image_from(env),
+        signer=signer,
+        trusted_keys=trusted_keys,
     )

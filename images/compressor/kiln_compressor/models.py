@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import kiln_artifacts as ka
-from kiln_artifacts.contract import InfrastructureError, UserError, WorkloadError
+from kiln_artifacts.contract import InfrastructureError, UntrustedError, UserError, WorkloadError
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # model_type -> the ORT transformer optimizer's model_type (BERT-like encoders it has fusions for).
@@ -32,6 +32,7 @@ class Source:
     size_bytes: int
     input_names: tuple[str, ...] = ()
     image_shape: tuple[int, int, int] | None = None  # [C, H, W], from the evaluation data (KilnCNN pools any size)
+    trusted_key: str | None = None  # the trusted key whose signature verified it (--trusted-keys)
     _tokenizer: Any = field(default=None, repr=False)
 
     @property
@@ -58,13 +59,24 @@ class Data:
         return len(self.y)
 
 
-def load_artifact(uri: str, where: str, expected_digest: str | None = None) -> ka.LoadedArtifact | Path:
-    """A verified artifact, or a plain local folder (hand-made inputs, as the trainer accepts them)."""
+def load_artifact(
+    uri: str, where: str, expected_digest: str | None = None, trusted_keys: ka.TrustedKeys | None = None
+) -> ka.LoadedArtifact | Path:
+    """A verified artifact, or a plain local folder (hand-made inputs, as the trainer accepts them). With
+    ``trusted_keys``, the artifact's signature is checked before any of its files is read, and a plain folder,
+    which has no signature, is refused."""
     try:
-        return ka.load(uri, expected_digest=expected_digest)
+        return ka.load(uri, expected_digest=expected_digest, trusted_keys=trusted_keys)
+    except ka.UntrustedArtifactError as e:
+        raise UntrustedError(f"{where}: {e}") from None
     except ka.ArtifactNotFoundError as e:
         local = ka.parse_uri(uri).local_path()
         if local is not None and local.is_dir() and expected_digest is None:
+            if trusted_keys is not None:
+                raise UntrustedError(
+                    f"{where}: {uri}: unsigned: a plain folder without {ka.MANIFEST_NAME} has no signature, and "
+                    f"--trusted-keys requires one by {', '.join(trusted_keys.ids)}"
+                ) from None
             return local
         raise UserError(f"{where} {uri}: not found ({e})") from None
     except (ka.IntegrityError, ka.InvalidManifestError) as e:
@@ -76,13 +88,25 @@ def load_artifact(uri: str, where: str, expected_digest: str | None = None) -> k
 
 
 def resolve_model(
-    uri: str, where: str, expected_digest: str | None = None, *, student_classes: list[str] | None = None
+    uri: str,
+    where: str,
+    expected_digest: str | None = None,
+    *,
+    student_classes: list[str] | None = None,
+    trusted_keys: ka.TrustedKeys | None = None,
 ) -> Source:
-    """Load and classify a model folder; anything the compressor cannot compress is a UserError here.
+    """Load and classify a model folder; anything the compressor cannot compress is a UserError here, a model
+    ``trusted_keys`` do not vouch for an UntrustedError.
 
     A distillation student (``student_classes`` given) may be a pretrained encoder without a classification head
     (e.g. the packaged MiniLM): it gets a new head with those classes."""
-    art = load_artifact(uri, where, expected_digest)
+    art = load_artifact(uri, where, expected_digest, trusted_keys)
+    src = _classify(uri, where, art, student_classes)
+    src.trusted_key = None if isinstance(art, Path) else art.trusted_key
+    return src
+
+
+def _classify(uri: str, where: str, art: ka.LoadedArtifact | Path, student_classes: list[str] | None) -> Source:
     path = art if isinstance(art, Path) else art.root
     manifest = None if isinstance(art, Path) else art.manifest
     if manifest is not None and manifest.kind != "model":

@@ -38,6 +38,7 @@ from .config import STEP_FIELDS, TORCH_STEPS, Config, Step, parse_config
 from .report import shrink
 
 if TYPE_CHECKING:
+    from kiln_artifacts import Manifest
     from kiln_artifacts.profile import Profile
 
 log = logging.getLogger("kiln_compressor")
@@ -207,7 +208,11 @@ class Compressor:
 
         cfg = self.cfg
         self._check_provider()
-        self.source = models.resolve_model(cfg.source_uri, "source.uri", cfg.source_digest)
+        self.source = models.resolve_model(
+            cfg.source_uri, "source.uri", cfg.source_digest, trusted_keys=cfg.trusted_keys
+        )
+        if cfg.trusted_keys is not None:
+            log.info("source.uri %s: signed by trusted key %s", cfg.source_uri, self.source.trusted_key)
         self.data = models.load_data(cfg.evaluation_uri, "evaluation.dataset.uri", self.source)
         if cfg.evaluation_samples:
             self.data.x, self.data.y = self.data.x[: cfg.evaluation_samples], self.data.y[: cfg.evaluation_samples]
@@ -286,7 +291,7 @@ class Compressor:
             ExitCode.SUCCEEDED,
             f"already published by an earlier attempt: {existing.uri}",
             {
-                "artifact": {"uri": existing.uri, "digest": existing.digest},
+                "artifact": _artifact_ref(existing.uri, existing.digest, existing.manifest),
                 "gatesPassed": report["gatesPassed"],
                 "candidate": report["candidate"],
                 "report": report["summary"],
@@ -770,12 +775,24 @@ class Compressor:
                 lineage=lineage,
                 annotations=annotations,
                 progress=lambda p: log.info("publish: %s %s", p.phase, p.path or ""),
+                signer=cfg.signer,
             )
         except ka.ArtifactExistsError as e:
             raise UserError(f"--output-uri {cfg.output_uri}: {e}") from None
         except (ka.CredentialsError, OSError) as e:
             raise InfrastructureError(f"--output-uri {cfg.output_uri}: {type(e).__name__}: {e}") from None
-        return {"uri": art.uri, "digest": art.digest}
+        return _artifact_ref(art.uri, art.digest, art.manifest)
+
+
+def _artifact_ref(uri: str, digest: str, manifest: Manifest) -> dict[str, Any]:
+    """The published candidate as the termination message names it, with the keys whose signatures verify on it."""
+    import kiln_artifacts as ka
+
+    ref: dict[str, Any] = {"uri": uri, "digest": digest}
+    signed_by = ka.signers(manifest.to_dict(), where=uri)
+    if signed_by:
+        ref["signedBy"] = signed_by
+    return ref
 
 
 def _spec_key(cfg: Config) -> str:

@@ -60,8 +60,9 @@ class AccessLog:
         status: int,
         batch_size: int,
         samples: int,
+        user: str | None = None,
     ) -> dict[str, Any]:
-        return {
+        line: dict[str, Any] = {
             "time": rfc3339(time),
             "request_id": request_id,
             "model": self.model,
@@ -74,6 +75,9 @@ class AccessLog:
             "batch_size": batch_size,
             "samples": samples,
         }
+        if user is not None:  # with --auth kubernetes: who called (the TokenReview's username)
+            line["user"] = user
+        return line
 
     def emit(self, **fields: Any) -> None:
         self._log.info(json.dumps(self.line(**fields), ensure_ascii=False))

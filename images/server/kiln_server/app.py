@@ -23,14 +23,16 @@ from kiln_artifacts.contract import ExitCode, termination_message, write_termina
 
 from . import __version__
 from .access import AccessLog
+from .auth import CHALLENGE, CHALLENGE_INVALID, MISSING, OPEN_PATHS, ApiSettings, Authenticator, KubeApi, ReviewError
 from .batcher import Batcher
 from .config import Config, UsageError, parse_config
 from .errors import BadRequest, RequestError, StartupError, Unavailable
-from .metrics import Metrics, MonitorMetrics
+from .metrics import AuthMetrics, Metrics, MonitorMetrics, TlsMetrics
 from .model import Model
 from .monitor import Monitor, create_monitor, model_labels
 from .payload import PayloadLog
 from .protocol import InferRequest, OutputTensor, encode_response, error_body, parse_infer_request
+from .tls import CertificateWatcher, TlsError, describe_expiry
 
 if TYPE_CHECKING:
     import grpc
@@ -42,6 +44,7 @@ EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 DEADLINE_HEADER = "Kiln-Timeout-Ms"
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUEST_ID = 256
+USER_KEY = "kiln_user"  # the authenticated caller, on the aiohttp request
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
@@ -53,7 +56,9 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, *, api: ApiSettings | None = None, tls: CertificateWatcher | None = None
+    ) -> None:
         self.config = config
         self.model = Model(config)
         self.metrics = Metrics(config.model_name, config.max_batch_size)
@@ -80,6 +85,24 @@ class Server:
             if config.access_log_rate > 0
             else None
         )
+        # Who may call, and TLS: main() has checked the settings (usage errors) before the event loop started.
+        self.auth: Authenticator | None = None
+        if config.auth == "kubernetes":
+            assert config.namespace is not None
+            assert config.deployment is not None
+            self.auth = Authenticator(
+                KubeApi(api or ApiSettings.from_env()),
+                namespace=config.namespace,
+                deployment=config.deployment,
+                ttl=config.auth_cache_ttl,
+                size=config.auth_cache_size,
+                metrics=AuthMetrics(self.metrics),
+            )
+        self.tls = tls
+        if self.tls is None and config.tls_cert_file and config.tls_key_file:
+            self.tls = CertificateWatcher(config.tls_cert_file, config.tls_key_file)
+        if self.tls is not None:
+            self.tls.bind_metrics(TlsMetrics(self.metrics))
 
     # ------------------------------------------------------------------ state
     @property
@@ -176,6 +199,7 @@ class Server:
                     status=outcome.status,
                     batch_size=outcome.batch_size,
                     samples=outcome.samples,
+                    user=outcome.user,
                 )
             if self.inflight == 0:
                 self._idle.set()
@@ -215,6 +239,7 @@ class Server:
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         with self.tracked("rest") as outcome:
+            outcome.user = request.get(USER_KEY)
             header_id = request.headers.get(REQUEST_ID_HEADER)
             if header_id:
                 outcome.request_id = header_id[:MAX_REQUEST_ID]
@@ -278,11 +303,39 @@ class Server:
             self.metrics.queue_depth.set(self.batcher.depth)
         if self.monitor is not None:
             self.monitor.update_metrics()  # drift scores are computed here, at scrape time, not per request
+        if self.auth is not None:
+            self.auth.update_metrics()
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    @web.middleware
+    async def _authorize(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """With --auth kubernetes: every route but the probes' (unknown ones too) needs a token the cluster
+        authorises. Refusals are the client's doing: answered, counted in kiln_server_auth_requests_total, not
+        logged above DEBUG. It replaces _json_errors, which it calls, rather than adding a second middleware: one
+        layer less on every request."""
+        if request.path not in OPEN_PATHS:
+            auth = self.auth
+            assert auth is not None
+            header = request.headers.get("Authorization")
+            try:
+                decision = auth.cached(header) or await auth.authorize(header)
+            except ReviewError as e:
+                return _error(503, e.client_message, {"Retry-After": "1"})
+            if decision.status != 200:
+                headers = None
+                if decision.status == 401:
+                    headers = {"WWW-Authenticate": CHALLENGE if decision is MISSING else CHALLENGE_INVALID}
+                log.debug("%s %s: %d %s", request.method, request.path, decision.status, decision.message)
+                return _error(decision.status, decision.message, headers)
+            request[USER_KEY] = decision.user
+        return await _json_errors(request, handler)
 
     # -------------------------------------------------------------- lifecycle
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[_json_errors])
+        middleware = _json_errors if self.auth is None else self._authorize
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[middleware])
         add = app.router.add_route
         add("GET", "/v2", self.server_metadata)
         add("GET", "/v2/health/live", self.live)
@@ -314,9 +367,15 @@ class Server:
         )
         await runner.setup()
         await metrics_runner.setup()
+        watch: asyncio.Task[None] | None = None
         try:
-            for r, port in ((runner, self.config.port), (metrics_runner, self.config.metrics_port)):
-                site = web.TCPSite(r, self.config.host, port, backlog=1024, reuse_address=True)
+            # TLS on the inference port only: the metrics port stays plain HTTP for Prometheus.
+            tls = self.tls.rest_context() if self.tls is not None else None
+            for r, port, context in (
+                (runner, self.config.port, tls),
+                (metrics_runner, self.config.metrics_port, None),
+            ):
+                site = web.TCPSite(r, self.config.host, port, backlog=1024, reuse_address=True, ssl_context=context)
                 try:
                     await site.start()
                 except OSError as e:
@@ -324,12 +383,29 @@ class Server:
                 self._sites.append(site)
             grpc_at = await self._start_grpc()
             log.info(
-                "listening on %s (inference), %s (gRPC) and %s (metrics); loading %s",
+                "listening on %s (inference%s), %s (gRPC%s) and %s (metrics); loading %s",
                 _bound(runner),
+                ", TLS" if self.tls is not None else "",
                 grpc_at,
+                ", TLS" if self.tls is not None and self._grpc is not None else "",
                 _bound(metrics_runner),
                 self.config.model_uri,
             )
+            if self.tls is not None:
+                expired = self.tls.pair.not_after < time.time()
+                log.log(
+                    logging.WARNING if expired else logging.INFO,
+                    "TLS: serving %s, %s",
+                    self.tls.cert_file,
+                    describe_expiry(self.tls.pair.not_after),
+                )
+                watch = asyncio.ensure_future(self.tls.watch())
+            if self.auth is not None:
+                log.info(
+                    "auth: callers need a token allowed to %s (decisions cached %gs)",
+                    self.auth.permission,
+                    self.config.auth_cache_ttl,
+                )
             # Load in a daemon thread: /v2/health/live answers meanwhile, and SIGTERM need not wait for it.
             loaded = _in_daemon_thread(self._load)
             stop_wait = asyncio.ensure_future(self._stop.wait())
@@ -360,10 +436,14 @@ class Server:
             await self._shutdown(runner)
             return ExitCode.SUCCEEDED
         finally:
+            if watch is not None:
+                watch.cancel()
             if self._grpc is not None:
                 await self._grpc.stop(0)
             await runner.cleanup()
             await metrics_runner.cleanup()
+            if self.auth is not None:
+                await self.auth.close()
             if self.batcher is not None:
                 await self.batcher.stop()
             if self.payload_log is not None:  # after an error: what can be written in a moment, is
@@ -434,7 +514,10 @@ class Server:
         )
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
-            port = self._grpc.add_insecure_port(address)
+            if self.tls is not None:
+                port = self._grpc.add_secure_port(address, self.tls.grpc_credentials())
+            else:
+                port = self._grpc.add_insecure_port(address)
         except RuntimeError as e:
             port, reason = 0, str(e)
         else:
@@ -516,6 +599,7 @@ class Outcome:
     request_id: str | None = None
     batch_size: int = 0  # samples in the executed batch the request rode in
     samples: int = 0  # the request's own
+    user: str | None = None  # the authenticated caller (--auth kubernetes)
 
     def ensure_id(self) -> str:
         """The request id: the request's own (OIP ``id``, else X-Request-Id), else one made up now, once."""
@@ -579,6 +663,15 @@ async def _json_errors(
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(argv)
+        # What the flags point at, checked before anything starts: a server that could not ask the API server or
+        # serve its certificate would fail every request instead.
+        api = ApiSettings.from_env() if config.auth == "kubernetes" else None
+        tls = None
+        if config.tls_cert_file and config.tls_key_file:
+            try:
+                tls = CertificateWatcher(config.tls_cert_file, config.tls_key_file)
+            except TlsError as e:
+                raise UsageError(str(e)) from None
     except UsageError as e:
         print(f"kiln-server: {e}", file=sys.stderr)
         return ExitCode.USER_ERROR
@@ -594,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        return int(runner(_main(config)))
+        return int(runner(_main(config, api, tls)))
     except StartupError as e:
         log.error("cannot serve: %s", e.message)
         # Only into a file that is there (the kubelet's): run by hand as root, never create /dev/termination-log.
@@ -603,8 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code
 
 
-async def _main(config: Config) -> int:
-    return await Server(config).run()
+async def _main(config: Config, api: ApiSettings | None = None, tls: CertificateWatcher | None = None) -> int:
+    return await Server(config, api=api, tls=tls).run()
 
 
 __all__ = ["Server", "main"]

@@ -7,11 +7,13 @@ import argparse
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from kiln_artifacts.contract import TERMINATION_LOG, TERMINATION_LOG_ENV
 from kiln_artifacts.errors import ArtifactError
+from kiln_artifacts.signing import trusted_keys_option
 from kiln_artifacts.uri import parse_uri, writable
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
@@ -28,6 +30,7 @@ class Config:
     model_name: str = "model"
     model_digest: str | None = None
     verify: str = "full"
+    trusted_keys: str | None = None  # refuse an artifact not signed by one of these keys (exit 14)
     host: str = "0.0.0.0"
     port: int = 8080
     grpc_port: int | None = 8081
@@ -69,6 +72,13 @@ class Config:
     payload_log_queue: int = 10000
     deployment: str | None = None
     revision: str | None = None
+    # Who may call the server, and TLS on its inference ports (docs/security.md).
+    auth: str = "none"
+    namespace: str | None = None
+    auth_cache_ttl: float = 10.0
+    auth_cache_size: int = 4096
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
 
 def _positive_int(text: str) -> int:
@@ -225,12 +235,53 @@ def _model_name(text: str) -> str:
     return text
 
 
+# ----------------------------------------------------------------- authentication, authorisation, TLS
+AUTH_MODES = ("none", "kubernetes")
+# Where a pod's ServiceAccount volume says which namespace the pod runs in.
+POD_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+MAX_AUTH_CACHE_TTL = 3600.0
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def _namespace(text: str) -> str:
+    if not _DNS_LABEL.match(text):
+        raise ValueError(
+            "must be a namespace name: 1-63 lowercase letters, digits or '-', starting and ending alphanumeric"
+        )
+    return text
+
+
+def _cache_ttl(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= MAX_AUTH_CACHE_TTL:
+        raise ValueError(f"must be a number of seconds from 0 to {MAX_AUTH_CACHE_TTL:g}")
+    return value
+
+
+def _readable_file(text: str) -> str:
+    # Checked now: a path that cannot be read is a usage error at start, not a failure on the first handshake.
+    if not text:
+        raise ValueError("must not be empty")
+    try:
+        with open(text, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ValueError(f"cannot be read: {e.strerror or e}") from None
+    return text
+
+
 # field -> (environment variable, parser, help)
 OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "model_uri": ("KILN_MODEL_URI", _text, "the model artifact (file://, pvc://, s3://; format onnx). Required"),
     "model_name": ("KILN_MODEL_NAME", _model_name, "the name served under /v2/models/<name> (default: model)"),
     "model_digest": ("KILN_MODEL_DIGEST", _text, "refuse to start unless the artifact has this digest (sha256:...)"),
     "verify": ("KILN_SERVER_VERIFY", _choice(("full", "lazy")), "artifact verification: full (default) or lazy"),
+    "trusted_keys": (
+        "KILN_SERVER_TRUSTED_KEYS",
+        trusted_keys_option,
+        "directory of Ed25519 public keys (PEM, one per file): serve only an artifact signed by one of them",
+    ),
     "host": ("KILN_SERVER_HOST", _text, "address to listen on (default 0.0.0.0)"),
     "port": ("KILN_SERVER_PORT", _port, "inference and health port (default 8080)"),
     "grpc_port": ("KILN_SERVER_GRPC_PORT", _port_or_off, "Open Inference Protocol over gRPC (default 8081; off: none)"),
@@ -340,6 +391,28 @@ OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "deployment": ("KILN_SERVER_DEPLOYMENT", _object_name, "the ModelDeployment, for access logs and payload records"),
     "revision": ("KILN_SERVER_REVISION", _object_name, "the revision, for access logs and payload records"),
+    "auth": (
+        "KILN_SERVER_AUTH",
+        _choice(AUTH_MODES),
+        "who may call: none (default) or kubernetes (a bearer token the cluster authorises for --deployment)",
+    ),
+    "namespace": (
+        "KILN_SERVER_NAMESPACE",
+        _namespace,
+        "the ModelDeployment's namespace, where access is checked (default: the pod's own namespace)",
+    ),
+    "auth_cache_ttl": (
+        "KILN_SERVER_AUTH_CACHE_TTL",
+        _cache_ttl,
+        "seconds a token's decision (allowed or denied) is reused, 0-3600 (0: every request is reviewed)",
+    ),
+    "auth_cache_size": ("KILN_SERVER_AUTH_CACHE_SIZE", _at_most(MAX_SAMPLES), "tokens whose decision is cached"),
+    "tls_cert_file": (
+        "KILN_SERVER_TLS_CERT_FILE",
+        _readable_file,
+        "PEM certificate chain: the inference ports serve TLS only (reloaded when it changes)",
+    ),
+    "tls_key_file": ("KILN_SERVER_TLS_KEY_FILE", _readable_file, "PEM private key of --tls-cert-file"),
 }
 
 
@@ -394,4 +467,40 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
             raise UsageError(f"{flag}: must differ from {seen[port]} (both {port})")
         if port:
             seen[port] = flag
+    return _check_security(config)
+
+
+def _check_security(config: Config) -> Config:
+    """The flags of --auth and TLS that only make sense together; the namespace defaults to the pod's own."""
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        given, missing = (
+            ("--tls-cert-file", "--tls-key-file") if config.tls_cert_file else ("--tls-key-file", "--tls-cert-file")
+        )
+        raise UsageError(f"{missing}: required with {given} (both or neither)")
+    if config.auth != "kubernetes":
+        return config
+    if config.namespace is None:
+        try:
+            namespace = Path(POD_NAMESPACE_FILE).read_text().strip()
+        except OSError:
+            namespace = ""
+        if not namespace:
+            raise UsageError(
+                f"--namespace (or $KILN_SERVER_NAMESPACE) is required with --auth kubernetes outside a pod "
+                f"({POD_NAMESPACE_FILE} is absent)"
+            )
+        try:
+            config = replace(config, namespace=_namespace(namespace))
+        except ValueError as e:
+            raise UsageError(f"--namespace: from {POD_NAMESPACE_FILE}: {e} (got {namespace!r})") from None
+    if config.deployment is None:
+        raise UsageError(
+            "--deployment (or $KILN_SERVER_DEPLOYMENT) is required with --auth kubernetes: callers are authorised "
+            "for that ModelDeployment"
+        )
+    if not _DNS_SUBDOMAIN.match(config.deployment):
+        raise UsageError(
+            f"--deployment: must be a ModelDeployment name with --auth kubernetes: lowercase letters, digits, '-' or "
+            f"'.', starting and ending alphanumeric (got {config.deployment!r})"
+        )
     return config

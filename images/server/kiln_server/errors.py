@@ -1,8 +1,8 @@
 """Errors with an HTTP status (request problems) and exit codes (startup problems).
 
 The exit codes are every workload's (kiln_artifacts.contract.ExitCode; docs/server.md "Exit codes"): 0 after a
-clean shutdown, 2 for a bad flag or variable, and the server's own startup failures ARTIFACT, CONTRACT, RUNTIME
-and PORT (10-13).
+clean shutdown, 2 for a bad flag or variable, the server's own startup failures ARTIFACT, CONTRACT, RUNTIME
+and PORT (10-13), and UNTRUSTED (14) for an artifact that --trusted-keys do not vouch for.
 """
 
 from __future__ import annotations

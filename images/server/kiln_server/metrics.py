@@ -156,3 +156,52 @@ class MonitorMetrics:
             ["model"],
             registry=r,
         ).labels(model)
+
+
+class AuthMetrics:
+    """Authentication and authorisation (docs/security.md), with --auth kubernetes only. Every child is bound at
+    start: a request's count is one dictionary lookup and one increment."""
+
+    RESULTS = ("allowed", "unauthenticated", "forbidden", "error")
+    KINDS = ("token", "access")
+
+    def __init__(self, metrics: Metrics) -> None:
+        r, model = metrics.registry, metrics.model
+        requests = Counter(
+            "kiln_server_auth_requests_total",
+            "Requests checked for a bearer token, by result (allowed, unauthenticated, forbidden, error: the "
+            "Kubernetes API could not be asked).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.requests = {result: requests.labels(model, result) for result in self.RESULTS}
+        reviews = Counter(
+            "kiln_server_auth_reviews_total",
+            "Reviews sent to the Kubernetes API server: token (TokenReview), access (LocalSubjectAccessReview).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.reviews = {kind: reviews.labels(model, kind) for kind in self.KINDS}
+        self.cache_entries = Gauge(
+            "kiln_server_auth_cache_entries", "Token decisions cached now.", ["model"], registry=r
+        ).labels(model)
+
+
+class TlsMetrics:
+    """The serving certificate (docs/security.md), with --tls-cert-file only."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r, model = metrics.registry, metrics.model
+        reloads = Counter(
+            "kiln_server_tls_reloads_total",
+            "Changed certificate files loaded (success) or refused, keeping the previous pair (failure).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.reloads = {result: reloads.labels(model, result) for result in ("success", "failure")}
+        self.expiry = Gauge(
+            "kiln_server_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate being served expires (notAfter), in seconds since the epoch.",
+            ["model"],
+            registry=r,
+        ).labels(model)

@@ -122,6 +122,7 @@ class Model:
         self.warmup_seconds = 0.0
         self.digest = ""
         self.uri = config.model_uri
+        self.trusted_key: str | None = None  # the trusted key that signed the artifact (--trusted-keys)
         self.providers: list[str] = []
         self.requested_gpu: list[str] = []
         self.tokenizer: Any = None
@@ -143,13 +144,28 @@ class Model:
         started = time.monotonic()
         import kiln_artifacts as ka
 
+        trusted = None
+        if self.config.trusted_keys:
+            try:
+                trusted = ka.TrustedKeys.from_dir(self.config.trusted_keys, what="--trusted-keys")
+            except ka.KeyFileError as e:  # checked with the flags, so changed since: a mounted ConfigMap was edited
+                raise StartupError(ExitCode.USER_ERROR, str(e)) from e
         try:
-            art = ka.load(self.config.model_uri, verify=self.config.verify, expected_digest=self.config.model_digest)  # type: ignore[arg-type]
+            # With trusted keys, the signature is checked first: no file of a refused artifact is read.
+            art = ka.load(
+                self.config.model_uri,
+                verify=self.config.verify,  # type: ignore[arg-type]
+                expected_digest=self.config.model_digest,
+                trusted_keys=trusted,
+            )
+        except ka.UntrustedArtifactError as e:
+            raise StartupError(ExitCode.UNTRUSTED, f"artifact {e}") from e
         except ka.ArtifactError as e:
             raise StartupError(ExitCode.ARTIFACT, f"artifact {self.config.model_uri}: {type(e).__name__}: {e}") from e
         except OSError as e:
             raise StartupError(ExitCode.ARTIFACT, f"artifact {self.config.model_uri}: cannot be read: {e}") from e
         self.digest, self.uri = art.digest, art.uri
+        self.trusted_key = art.trusted_key
         self.artifact = art
         manifest = art.manifest
         if manifest.format != "onnx":
@@ -174,7 +190,13 @@ class Model:
         self._check_graph()
         self.load_seconds = time.monotonic() - started
         log.info(
-            "loaded %s (%s, %s) in %.2fs on %s", art.uri, self.digest, self.spec.task, self.load_seconds, self.providers
+            "loaded %s (%s, %s%s) in %.2fs on %s",
+            art.uri,
+            self.digest,
+            self.spec.task,
+            f", signed by trusted key {self.trusted_key}" if self.trusted_key else "",
+            self.load_seconds,
+            self.providers,
         )
         started = time.monotonic()
         try:
@@ -332,6 +354,7 @@ class Model:
             "parameters": {
                 "task": self.spec.task,
                 "digest": self.digest,
+                **({"signed_by": self.trusted_key} if self.trusted_key else {}),
                 "uri": self.uri,
                 "precision": self.spec.precision,
                 "execution_providers": self.providers,

@@ -3,7 +3,8 @@
 Names follow the TrainingJob spec so the operator passes them straight through: ``KILN_TRAINING_SPEC`` (or
 ``--spec FILE``) holds ``{"model": {"uri"}, "dataset": {"uri"}, "output": {"uri"}, "hyperparameters": {...},
 "checkpoint": {"uri", "everySteps", "everyMinutes", "keep"}, "resume": {"policy", "fromUri"}}``; flags override
-it.
+it. The signing key (``--signing-key``, ``$KILN_SIGNING_KEY``) is a file the operator mounts from a Secret, never
+part of the spec.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln_artifacts import InvalidURIError, Producer, parse_uri
+from kiln_artifacts import InvalidURIError, KeyFileError, Producer, parse_uri
 from kiln_artifacts.contract import (
     TERMINATION_LOG,
     TERMINATION_LOG_ENV,
@@ -24,6 +25,10 @@ from kiln_artifacts.contract import (
     spec_from,
 )
 
+if TYPE_CHECKING:
+    from kiln_artifacts.signing import Signer
+
+SIGNING_KEY_ENV = "KILN_SIGNING_KEY"
 TASKS = ("image-classification", "text-classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # extra: trainer-specific knobs (strings in the CRD); unknown keys are rejected so a typo never passes silently.
@@ -64,6 +69,7 @@ class TrainConfig:
     dist_timeout_seconds: int = 600  # how long a rank waits for the others (rendezvous and every collective)
     producer: Producer | None = None  # the TrainingJob, for the published model's lineage
     image: str | None = None
+    signer: Signer | None = field(default=None, repr=False, compare=False)  # signs the published model, not checkpoints
 
     def hyperparameters(self) -> dict[str, Any]:
         """The TrainingJob-named hyperparameters, for the artifact's lineage."""
@@ -129,7 +135,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", dest="resume.policy", help="Latest (default) or Never")
     p.add_argument("--progress-file", help="default: $KILN_PROGRESS_FILE, else progress.json in a local checkpoint dir")
     p.add_argument("--termination-log", help="default: $KILN_TERMINATION_LOG or /dev/termination-log")
+    p.add_argument(
+        "--signing-key",
+        help=f"Ed25519 private key (PKCS8 PEM) to sign the published model with (default: ${SIGNING_KEY_ENV})",
+    )
     return p
+
+
+def _signer(args: argparse.Namespace, env: Mapping[str, str]) -> Signer | None:
+    """The signing key, loaded now so that a bad key fails before any training, naming the flag or variable."""
+    from kiln_artifacts.signing import Signer
+
+    path, where = (
+        (args.signing_key, "--signing-key") if args.signing_key else (env.get(SIGNING_KEY_ENV), SIGNING_KEY_ENV)
+    )
+    if not path:
+        return None
+    try:
+        return Signer.from_file(path, what=where)
+    except KeyFileError as e:
+        raise UserError(str(e)) from None
 
 
 def _spec_from(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
@@ -252,6 +277,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         dist_timeout_seconds=int(env.get("KILN_DIST_TIMEOUT_SECONDS") or 600),
         producer=producer_from("TrainingJob", env),
         image=image_from(env),
+        signer=_signer(args, env),
     )
     # Validate the numeric extras now (fail fast), not when the loop first reads them.
     cfg.extra_int("warmupSteps", 0, 0, 100_000_000)

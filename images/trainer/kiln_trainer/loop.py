@@ -531,7 +531,7 @@ class Trainer:
             self._checkpoint(step)
         self.profile: Profile | None = None
         metrics = self._evaluate(with_profile=True) if self.dist.main else {}
-        artifact = None
+        artifact: dict[str, Any] | None = None
         if self.dist.main and cfg.output_uri:
             tmp = Path(tempfile.mkdtemp(prefix="kiln-model-"))
             try:
@@ -564,12 +564,23 @@ class Trainer:
                         metrics=final,
                         lineage=lineage,
                         annotations=annotations,
+                        signer=cfg.signer,
                     )
                 except ka.ArtifactExistsError as e:
                     raise UserError(f"output.uri {cfg.output_uri}: {e}") from None
                 except (ka.CredentialsError, OSError) as e:
                     raise InfrastructureError(f"output.uri {cfg.output_uri}: {type(e).__name__}: {e}") from None
                 artifact = {"uri": art.uri, "digest": art.digest}
+                # An artifact an earlier attempt published is returned as it is: report who signed it, checked.
+                signed_by = ka.signers(art.manifest.to_dict(), where=art.uri)
+                if signed_by:
+                    artifact["signedBy"] = signed_by
+                log.info(
+                    "published %s (%s; %s)",
+                    art.uri,
+                    art.digest,
+                    f"signed by {', '.join(signed_by)}" if signed_by else "unsigned",
+                )
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.progress.update(force=True, phase="Succeeded", step=step, artifact=artifact, **metrics)

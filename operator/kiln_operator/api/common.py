@@ -206,3 +206,36 @@ def status_base(condition_types: str) -> dict[str, Schema]:
         )
         | {"x-kubernetes-list-map-keys": ["type"]},
     }
+
+
+def signing() -> Schema:
+    return obj(
+        "Sign the manifest of the artifact this publishes (files, digest, lineage, metrics, profile), so that any "
+        'later change to it is detected (docs/security.md, "Signed artifacts").',
+        {
+            "secretName": string(
+                "A Secret in this namespace holding the Ed25519 private key (PKCS#8 PEM, as `openssl genpkey "
+                "-algorithm ed25519` writes it) under the key private-key.pem. Mounted read-only into the workload "
+                "container only.",
+                pattern=NAME,
+                max_length=253,
+            )
+        },
+        required=["secretName"],
+    )
+
+
+def verification(what: str) -> Schema:
+    return obj(
+        f"Refuse {what} unless its manifest is signed by one of the trusted keys and unchanged since "
+        '(docs/security.md, "Signed artifacts").',
+        {
+            "trustedKeysConfigMap": string(
+                "A ConfigMap in this namespace whose every entry is one trusted Ed25519 public key (PEM). Several "
+                "entries make a key rotation: an artifact signed by any of them is accepted.",
+                pattern=NAME,
+                max_length=253,
+            )
+        },
+        required=["trustedKeysConfigMap"],
+    )

@@ -269,6 +269,8 @@ SPEC = obj(
             "Of the compression pod.", gpus_help="Only with target.device gpu, which needs at least 1."
         ),
         "scheduling": common.scheduling(queue=True),
+        "signing": common.signing(),
+        "verification": common.verification("to compress the source"),
         "podTemplate": common.pod_template(),
         "labels": string_map("Extra labels recorded in the artifact's lineage.", max_properties=32),
     },
@@ -382,9 +384,17 @@ STATUS = obj(
                 "shortDigest": string("First 12 hex digits.", max_length=12),
                 "modelName": string("Registry name.", max_length=63),
                 "version": integer("Registry version.", minimum=1),
+                "signedBy": array(
+                    "Key ids (ed25519:<16 hex>) whose signatures over the artifact's manifest verify, as the "
+                    "registry recorded them; empty for an unsigned artifact.",
+                    string("A key id.", max_length=64),
+                    max_items=8,
+                ),
             },
         ),
-        "failure": common.failure(["UserError", "OutOfMemory", "Infrastructure", "ParityCheck", "Unknown"]),
+        "failure": common.failure(
+            ["UserError", "OutOfMemory", "Infrastructure", "ParityCheck", "Untrusted", "Unknown"]
+        ),
     },
 )
 

@@ -14,6 +14,7 @@ from kiln_operator.api.schema import (
     quantity,
     rule,
     string,
+    string_map,
     timestamp,
 )
 
@@ -33,6 +34,33 @@ CANARY_STEP = obj(
         ),
     },
     required=["weight"],
+)
+
+LABEL_SELECTOR = obj(
+    "A Kubernetes label selector ({} matches everything).",
+    {
+        "matchLabels": string_map("Labels that must be present with these values.", value_length=63),
+        "matchExpressions": array(
+            "Set-based requirements, all of which must hold.",
+            obj(
+                "One requirement.",
+                {
+                    "key": string("Label key.", min_length=1, max_length=317),
+                    "operator": string("How the values apply.", enum=["In", "NotIn", "Exists", "DoesNotExist"]),
+                    "values": array("Values (In and NotIn only).", string("A value.", max_length=63), max_items=64),
+                },
+                required=["key", "operator"],
+                rules=[
+                    rule(
+                        "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+                        "values must be non-empty for In and NotIn, and absent for Exists and DoesNotExist",
+                        field=".values",
+                    )
+                ],
+            ),
+            max_items=16,
+        ),
+    },
 )
 
 SIGNAL_NAME = r"^[a-z][a-z0-9_]{0,62}$"
@@ -274,6 +302,50 @@ SPEC = obj(
                     maximum=65535,
                     default=8081,
                 ),
+                "auth": string(
+                    "Who may call the model. None: anyone who can reach the Service. Kubernetes: every REST and gRPC "
+                    "request carries a bearer token the API server accepts (TokenReview), whose subject RBAC allows "
+                    "to `create` the subresource `modeldeployments/predict` of this ModelDeployment (a "
+                    "SubjectAccessReview, as kube-rbac-proxy does); else 401 or 403. Health endpoints stay open. The "
+                    "operator gives the servers a ServiceAccount of their own allowed to ask exactly that "
+                    "(docs/security.md).",
+                    enum=["None", "Kubernetes"],
+                    default="None",
+                ),
+                "tls": obj(
+                    "Serve REST and gRPC over TLS (the metrics port stays plain HTTP). A renewed certificate is "
+                    "picked up without a restart.",
+                    {
+                        "secretName": string(
+                            "A kubernetes.io/tls Secret in this namespace (tls.crt, tls.key), e.g. what cert-manager "
+                            "writes.",
+                            pattern=NAME,
+                            max_length=253,
+                        )
+                    },
+                    required=["secretName"],
+                ),
+                "allowFrom": array(
+                    "Who may connect to the serving ports, as NetworkPolicy peers (enforced where the cluster's pod "
+                    "network enforces NetworkPolicy). Default: pods of this namespace, and of the Gateway's "
+                    "namespaces when a gateway is named. The metrics port is open to the operator's and the "
+                    "monitoring namespaces only.",
+                    obj(
+                        "Pods matching both selectors (an absent selector matches everything on its side; a peer "
+                        "with no namespaceSelector means this namespace).",
+                        {
+                            "namespaceSelector": LABEL_SELECTOR,
+                            "podSelector": LABEL_SELECTOR,
+                        },
+                        rules=[
+                            rule(
+                                "has(self.namespaceSelector) || has(self.podSelector)",
+                                "a peer needs namespaceSelector or podSelector",
+                            )
+                        ],
+                    ),
+                    max_items=32,
+                ),
                 "gateway": obj(
                     "Gateway API: an HTTPRoute <name> to a Service per revision (<name>-<digest[:10]>), whose "
                     "backend weights are the canary weights exactly (without it, the split follows replica "
@@ -318,6 +390,9 @@ SPEC = obj(
         "monitoring": MONITORING,
         "resources": common.resources("Per replica.", gpus_help="Only with a GPU execution provider."),
         "scheduling": common.scheduling(queue=False),
+        "verification": common.verification(
+            "to serve an artifact (the revision fails with ArtifactUntrusted and the stable one keeps serving)"
+        ),
         "podTemplate": common.pod_template(),
     },
     required=["source", "runtime"],

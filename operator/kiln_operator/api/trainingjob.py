@@ -170,6 +170,7 @@ SPEC = obj(
             default=False,
         ),
         "scheduling": common.scheduling(queue=True),
+        "signing": common.signing(),
         "podTemplate": common.pod_template(),
     },
     required=["image", "dataset"],

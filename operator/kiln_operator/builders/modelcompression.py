@@ -16,9 +16,11 @@ from kiln_operator.builders.pods import (
     TMP_MOUNT,
     TMP_VOLUME,
     container_resources,
+    key_volumes,
     merge,
     placement,
     pvc_mounts,
+    reassert,
 )
 
 Obj = dict[str, Any]
@@ -92,6 +94,11 @@ def compressor_job(
         {"name": "KILN_IMAGE", "value": image},
         *pvc_env,
     ]
+    key_vols, key_mounts, signing_key, trusted = key_volumes(spec)
+    if signing_key:
+        kiln_env.append({"name": "KILN_SIGNING_KEY", "value": signing_key})
+    if trusted:
+        kiln_env.append({"name": "KILN_TRUSTED_KEYS", "value": trusted})
     names = {e["name"] for e in kiln_env}
     user_env = merge([copy.deepcopy(dict(e)) for e in artifact_env], copy.deepcopy(spec.get("env") or []))
     container: Obj = {
@@ -101,7 +108,7 @@ def compressor_job(
         "command": ["python", "-m", "kiln_compressor"],
         "env": [e for e in user_env if e["name"] not in names] + kiln_env,
         "resources": container_resources(spec),
-        "volumeMounts": [*mounts, TMP_MOUNT],
+        "volumeMounts": [*mounts, TMP_MOUNT, *key_mounts],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
@@ -109,9 +116,10 @@ def compressor_job(
     pod_spec: Obj = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # the compressor never calls the API
         "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],
-        "volumes": [*volumes, TMP_VOLUME],
+        "volumes": [*volumes, TMP_VOLUME, *key_vols],
     }
     pod_spec.update(placement(spec))
     pod_labels = child_labels(mc, key, attempt)
@@ -128,6 +136,8 @@ def compressor_job(
             pod_spec["containers"].insert(0, ours)
         ours.update(image=image, command=list(container["command"]))
         ours["env"] = [e for e in ours.get("env") or [] if e.get("name") not in names] + copy.deepcopy(kiln_env)
+        pod_spec["volumes"] = reassert(pod_spec.get("volumes") or [], [*volumes, TMP_VOLUME, *key_vols])
+        ours["volumeMounts"] = reassert(ours.get("volumeMounts") or [], [*mounts, TMP_MOUNT, *key_mounts])
     job_labels = child_labels(mc, key, attempt)
     queue = scheduling.get("queueName")
     if queue:

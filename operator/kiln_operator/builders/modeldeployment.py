@@ -21,8 +21,10 @@ from kiln_operator.builders.pods import (
     POD_SECURITY,
     TMP_MOUNT,
     TMP_VOLUME,
+    TRUSTED_KEYS_DIR,
     container_resources,
     dns_label,
+    key_volumes,
     merge,
     placement,
     pvc_mounts,
@@ -35,6 +37,10 @@ CONTAINER = "server"
 HTTP_PORT = 8080
 GRPC_PORT = 8081
 METRICS_PORT = 9090
+TLS_DIR = "/etc/kiln/tls"
+# The ClusterRoles manifests/server-roles/ installs for servers with spec.service.auth Kubernetes.
+TOKEN_REVIEW_ROLE = "kiln-server-tokenreview"
+ACCESS_REVIEW_ROLE = "kiln-server-access-review"
 PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
 # Pods metric names the custom metrics API serves per autoscaling.metric (Prometheus Adapter rules:
 # docs/modeldeployment.md).
@@ -74,7 +80,8 @@ def child_labels(md: str, key: str | None = None) -> dict[str, str]:
 def service_url(md: Mapping[str, Any]) -> str:
     meta, spec = md["metadata"], md.get("spec") or {}
     port = (spec.get("service") or {}).get("port") or HTTP_PORT
-    return f"http://{base(meta['name'])}.{meta['namespace']}.svc.cluster.local:{port}"
+    scheme = "https" if tls_secret(md) else "http"
+    return f"{scheme}://{base(meta['name'])}.{meta['namespace']}.svc.cluster.local:{port}"
 
 
 def grpc_address(md: Mapping[str, Any]) -> str:
@@ -125,6 +132,34 @@ def _monitoring_env(md: Mapping[str, Any], revision: str) -> dict[str, str]:
     return env
 
 
+def auth(md: Mapping[str, Any]) -> bool:
+    """Whether callers must be authorised by the cluster (spec.service.auth Kubernetes)."""
+    return ((md.get("spec") or {}).get("service") or {}).get("auth") == "Kubernetes"
+
+
+def tls_secret(md: Mapping[str, Any]) -> str | None:
+    return (((md.get("spec") or {}).get("service") or {}).get("tls") or {}).get("secretName")
+
+
+def _security_env(md: Mapping[str, Any]) -> dict[str, str]:
+    """spec.service.auth, spec.service.tls and spec.verification as the server's settings (docs/server.md)."""
+    env: dict[str, str] = {}
+    if auth(md):
+        env.update(
+            KILN_SERVER_AUTH="kubernetes",
+            KILN_SERVER_NAMESPACE=md["metadata"]["namespace"],
+            KILN_SERVER_DEPLOYMENT=md["metadata"]["name"],
+        )
+    if tls_secret(md):
+        env.update(
+            KILN_SERVER_TLS_CERT_FILE=f"{TLS_DIR}/tls.crt",
+            KILN_SERVER_TLS_KEY_FILE=f"{TLS_DIR}/tls.key",
+        )
+    if ((md.get("spec") or {}).get("verification") or {}).get("trustedKeysConfigMap"):
+        env["KILN_SERVER_TRUSTED_KEYS"] = TRUSTED_KEYS_DIR
+    return env
+
+
 def _server_env(md: Mapping[str, Any], uri: str, digest: str | None, revision: str) -> list[Obj]:
     spec, meta = md.get("spec") or {}, md["metadata"]
     runtime = spec.get("runtime") or {}
@@ -142,6 +177,7 @@ def _server_env(md: Mapping[str, Any], uri: str, digest: str | None, revision: s
         "KILN_SERVER_INTER_OP_THREADS": str(runtime.get("interOpThreads") or 1),
         "KILN_SERVER_INSTANCES": str(runtime.get("instances") or 1),
         **_monitoring_env(md, revision),
+        **_security_env(md),
     }
     if digest:
         env["KILN_MODEL_DIGEST"] = digest  # the server refuses to start on any other artifact
@@ -153,6 +189,11 @@ def template_hash(md: Mapping[str, Any], image_default: str | None) -> str:
     spec = md.get("spec") or {}
     parts = {k: spec.get(k) for k in ("runtime", "resources", "scheduling", "podTemplate")}
     parts["image"] = image_default
+    # Only when set, so that a spec without them keeps the hash (and the pods) it had before they existed.
+    svc = spec.get("service") or {}
+    for k, v in (("auth", svc.get("auth")), ("tls", svc.get("tls")), ("verification", spec.get("verification"))):
+        if v and v != "None":
+            parts[k] = v
     # The servers' monitoring settings, less how often the operator reads them (which no pod needs to know).
     mon = {k: v for k, v in (spec.get("monitoring") or {}).items() if k != "intervalSeconds"}
     if mon:
@@ -193,12 +234,19 @@ def deployment(
     kiln_env = _server_env(md, uri, digest, key) + [dict(e) for e in pvc_env]
     kiln_names = {e["name"] for e in kiln_env}
     user_env = [dict(e) for e in artifact_env]
-    volumes = [*pvc_volumes, TMP_VOLUME]  # read-only root: TensorRT cache, temp files
-    mounts = [*pvc_mounted, TMP_MOUNT]
+    key_vols, key_mounts, _, _ = key_volumes(spec)
+    volumes = [*pvc_volumes, TMP_VOLUME, *key_vols]  # read-only root: TensorRT cache, temp files
+    mounts = [*pvc_mounted, TMP_MOUNT, *key_mounts]
+    secret = tls_secret(md)
+    if secret:
+        # The whole Secret, not items: kubelet then swaps both files at once when cert-manager renews them.
+        volumes.append({"name": "kiln-tls", "secret": {"secretName": secret, "defaultMode": 0o440}})
+        mounts.append({"name": "kiln-tls", "mountPath": TLS_DIR, "readOnly": True})
 
     def probe(path: str, period: int, failures: int) -> Obj:
         return {
-            "httpGet": {"path": path, "port": "http"},
+            # The kubelet does not verify the certificate of an HTTPS probe: a renewed one never fails a probe.
+            "httpGet": {"path": path, "port": "http", "scheme": "HTTPS" if secret else "HTTP"},
             "periodSeconds": period,
             "failureThreshold": failures,
             "timeoutSeconds": 2,
@@ -227,11 +275,18 @@ def deployment(
         "enableServiceLinks": False,
         # The server's shutdown delay (3 s) plus its grace period (25 s) fit: a scale-down drops no request.
         "terminationGracePeriodSeconds": 30,
-        "automountServiceAccountToken": False,  # the server never talks to the API
         "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],
         "volumes": volumes,
     }
+    if auth(md):
+        # Its own ServiceAccount, allowed to ask the API server who a caller is and whether RBAC lets them in.
+        # Also the deprecated alias, which the API server fills in from the name: owning both, server-side apply
+        # removes both when auth is switched off (else the alias would bring the name back).
+        sa = service_account_name(name)
+        pod_spec.update(serviceAccountName=sa, serviceAccount=sa, automountServiceAccountToken=True)
+    else:
+        pod_spec["automountServiceAccountToken"] = False  # the server never talks to the API
     pod_spec.update(placement(spec))
     pod_labels = child_labels(name, key)
     # A revision's replicas on different nodes where there are several: a node lost takes one replica, not all,
@@ -320,16 +375,13 @@ def service(md: Mapping[str, Any]) -> Obj:
 def service_ports(spec: Mapping[str, Any]) -> list[Obj]:
     """REST and gRPC (h2c: Gateways and meshes then route HTTP/2 per call, not per connection)."""
     svc = spec.get("service") or {}
-    return [
-        {"name": "http", "port": svc.get("port") or HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
-        {
-            "name": "grpc",
-            "port": svc.get("grpcPort") or GRPC_PORT,
-            "targetPort": "grpc",
-            "protocol": "TCP",
-            "appProtocol": "kubernetes.io/h2c",
-        },
-    ]
+    http: Obj = {"name": "http", "port": svc.get("port") or HTTP_PORT, "targetPort": "http", "protocol": "TCP"}
+    grpc: Obj = {"name": "grpc", "port": svc.get("grpcPort") or GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"}
+    if svc.get("tls"):
+        http["appProtocol"] = "https"  # gRPC over TLS has no standard appProtocol value: none is said
+    else:
+        grpc["appProtocol"] = "kubernetes.io/h2c"
+    return [http, grpc]
 
 
 def pod_disruption_budget(md: Mapping[str, Any]) -> Obj:
@@ -452,3 +504,101 @@ def route_url(md: Mapping[str, Any]) -> str | None:
         return None
     hosts = gateway.get("hostnames") or []
     return f"http://{hosts[0]}" if hosts else None
+
+
+def service_account_name(md: str) -> str:
+    return f"{base(md)}-server"
+
+
+def service_account(md: Mapping[str, Any]) -> Obj:
+    """The servers' identity when they check callers: no other pod uses it, and it can do nothing else."""
+    meta = md["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": service_account_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": child_labels(meta["name"]),
+        },
+        "automountServiceAccountToken": False,  # only the server pods that need it ask for it
+    }
+
+
+def access_review_binding(md: Mapping[str, Any]) -> Obj:
+    """LocalSubjectAccessReviews in this namespace only: a server can ask about its own namespace, nothing else."""
+    meta = md["metadata"]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {
+            "name": f"{service_account_name(meta['name'])}-access-review",
+            "namespace": meta["namespace"],
+            "labels": child_labels(meta["name"]),
+        },
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": ACCESS_REVIEW_ROLE},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": service_account_name(meta["name"]), "namespace": meta["namespace"]}
+        ],
+    }
+
+
+def token_review_binding_name(namespace: str, md: str) -> str:
+    """Cluster-scoped, so the namespace is part of the name; a hash keeps it unique and within 253 characters."""
+    digest = hashlib.sha256(f"{namespace}/{md}".encode()).hexdigest()[:10]
+    return f"kiln-server-{namespace[:100]}-{base(md)}-{digest}"
+
+
+def token_review_binding(md: Mapping[str, Any]) -> Obj:
+    """TokenReview is cluster-scoped: its grant needs a ClusterRoleBinding, which a namespaced ModelDeployment
+    cannot own; its labels name the owner, and the controller deletes it when the owner is gone."""
+    meta = md["metadata"]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {
+            "name": token_review_binding_name(meta["namespace"], meta["name"]),
+            "labels": {**child_labels(meta["name"]), labels.OWNER_NAMESPACE: meta["namespace"]},
+            "annotations": {labels.OWNER_UID: meta.get("uid") or ""},
+        },
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": TOKEN_REVIEW_ROLE},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": service_account_name(meta["name"]), "namespace": meta["namespace"]}
+        ],
+    }
+
+
+def _namespace_peer(namespace: str) -> Obj:
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+
+
+def network_policy(md: Mapping[str, Any], operator_namespace: str, monitoring_namespaces: Sequence[str]) -> Obj:
+    """Ingress to the serving pods: the serving ports from spec.service.allowFrom (default: this namespace, and the
+    Gateways' namespaces), the metrics port from the operator (its direct scrapes) and the monitoring namespaces.
+    The kubelet's probes come from the node, which NetworkPolicy never blocks."""
+    meta, spec = md["metadata"], md.get("spec") or {}
+    svc = spec.get("service") or {}
+    allow = svc.get("allowFrom")
+    if allow:
+        peers = [copy.deepcopy(dict(p)) for p in allow]
+    else:
+        peers = [{"podSelector": {}}]
+        gateways = {p.get("namespace") or meta["namespace"] for p in (svc.get("gateway") or {}).get("parentRefs") or []}
+        peers += [_namespace_peer(ns) for ns in sorted(gateways - {meta["namespace"]})]
+    scrapers = [_namespace_peer(ns) for ns in sorted({operator_namespace, *monitoring_namespaces})]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": base(meta["name"]), "namespace": meta["namespace"], "labels": child_labels(meta["name"])},
+        "spec": {
+            "podSelector": {"matchLabels": selector(meta["name"])},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": peers,
+                    "ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}],
+                },
+                {"from": scrapers, "ports": [{"port": "metrics", "protocol": "TCP"}]},
+            ],
+        },
+    }

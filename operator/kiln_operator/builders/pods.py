@@ -122,3 +122,37 @@ def reassert(items: list[Obj], owned: Sequence[Obj]) -> list[Obj]:
 
 def _named(items: list[Any]) -> bool:
     return all(isinstance(i, Mapping) and "name" in i for i in items)
+
+
+SIGNING_DIR = "/etc/kiln/signing"
+SIGNING_KEY = "private-key.pem"
+TRUSTED_KEYS_DIR = "/etc/kiln/trusted-keys"
+
+
+def key_volumes(spec: Mapping[str, Any]) -> tuple[list[Obj], list[Obj], str | None, str | None]:
+    """spec.signing's Secret and spec.verification's ConfigMap as volumes and read-only mounts, with the paths the
+    programs take (the signing key file, the trusted keys folder; None when not asked for)."""
+    volumes: list[Obj] = []
+    mounts: list[Obj] = []
+    key = trusted = None
+    secret = (spec.get("signing") or {}).get("secretName")
+    if secret:
+        # Only the one key, readable by the workload's group (fsGroup) and nobody else.
+        volumes.append(
+            {
+                "name": "kiln-signing-key",
+                "secret": {
+                    "secretName": secret,
+                    "items": [{"key": SIGNING_KEY, "path": SIGNING_KEY}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+        mounts.append({"name": "kiln-signing-key", "mountPath": SIGNING_DIR, "readOnly": True})
+        key = f"{SIGNING_DIR}/{SIGNING_KEY}"
+    config_map = (spec.get("verification") or {}).get("trustedKeysConfigMap")
+    if config_map:
+        volumes.append({"name": "kiln-trusted-keys", "configMap": {"name": config_map}})
+        mounts.append({"name": "kiln-trusted-keys", "mountPath": TRUSTED_KEYS_DIR, "readOnly": True})
+        trusted = TRUSTED_KEYS_DIR
+    return volumes, mounts, key, trusted

@@ -21,6 +21,7 @@ from kiln_operator.builders.pods import (
     TMP_VOLUME,
     container_resources,
     dns_label,
+    key_volumes,
     merge,
     placement,
     pvc_mounts,
@@ -215,8 +216,12 @@ def indexed_job(
         TMP_VOLUME,
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # DataLoader workers and NCCL need a large /dev/shm
     ]
-    mounts = [*pvc_mounted, TMP_MOUNT, {"name": "dshm", "mountPath": "/dev/shm"}]
+    key_vols, key_mounts, signing_key, _ = key_volumes(spec)
+    volumes += key_vols
+    mounts = [*pvc_mounted, TMP_MOUNT, {"name": "dshm", "mountPath": "/dev/shm"}, *key_mounts]
     kiln_env = _kiln_env(body, image, master, pvc_env)
+    if signing_key:
+        kiln_env.append({"name": "KILN_SIGNING_KEY", "value": signing_key})
     kiln_names = {e["name"] for e in kiln_env}
     user_env = merge(
         [*threads_env(spec, nproc), *(copy.deepcopy(dict(e)) for e in artifact_env)],
@@ -245,6 +250,7 @@ def indexed_job(
         "enableServiceLinks": False,  # no env var per Service in the namespace (it can be thousands)
         # The trainer checkpoints on SIGTERM: one step plus one checkpoint write must fit (docs/trainer.md).
         "terminationGracePeriodSeconds": 300,
+        "automountServiceAccountToken": False,  # the trainer never calls the API
         "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],
         "volumes": volumes,

@@ -60,3 +60,5 @@ class ModelCompressions(JobOwner):
             "modelName": version.name,
             "version": version.version,
         }
+        if version.signed_by:
+            plan.status["promoted"]["signedBy"] = list(version.signed_by)

@@ -9,7 +9,10 @@ operator is configured with one, else a direct scrape of the pods' /metrics.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -20,7 +23,7 @@ from kiln_operator import labels
 from kiln_operator.builders import modeldeployment as b
 from kiln_operator.config import Config
 from kiln_operator.controller import ApplyOwner, Key, Obj
-from kiln_operator.kube import Client
+from kiln_operator.kube import ApiError, Client
 from kiln_operator.lifecycle import modeldeployment as life
 from kiln_operator.lifecycle.plan import Plan
 from kiln_operator.resources import MODEL_COMPRESSION, MODEL_DEPLOYMENT, TRAINING_JOB
@@ -30,6 +33,10 @@ log = logging.getLogger("kiln.modeldeployment")
 NAMESPACE_LABEL = "namespace"
 MD_TARGET_LABEL = "kiln_dev_modeldeployment"
 REVISION_TARGET_LABEL = "kiln_dev_revision"
+RBAC = "rbac.authorization.k8s.io/v1"
+# How often the servers' ClusterRoleBindings are checked for a ModelDeployment that is gone: the first round
+# after a restart also catches deletions the operator missed while it was down.
+SWEEP_SECONDS = 300.0
 
 
 class ModelDeployments(ApplyOwner):
@@ -47,6 +54,8 @@ class ModelDeployments(ApplyOwner):
         self.baselines: dict[tuple[Key, str, int, int], dict[str, am.Counters]] = {}  # direct-scrape windows
         # Baselines that could not be read: until when not to try again, and why (the analysis verdict says it).
         self.failed: dict[tuple[Key, str, int, int], tuple[float, str]] = {}
+        self._swept = asyncio.Event()  # set: sweep the servers' ClusterRoleBindings now
+        self._sweeper: asyncio.Task[None] | None = None
 
     def forget(self, key: Key) -> None:
         super().forget(key)
@@ -73,17 +82,110 @@ class ModelDeployments(ApplyOwner):
         watch = life.monitoring_due(body, deployments, now)
         drift = await self.drift(key, deployments, pods, watch) if watch is not None else None
         plan = life.decide(body, self.source(key, body), deployments, pods, now, self.life, due, drift)
-        static = [b.service(body), b.pod_disruption_budget(body)]
+        changed = self.applied.get(key) != body["metadata"].get("generation")
+        static = [
+            b.service(body),
+            b.pod_disruption_budget(body),
+            b.network_policy(body, self.config.namespace, self.config.monitoring_namespaces),
+        ]
         if (body.get("spec") or {}).get("autoscaling"):
             static.append(b.autoscaler(body))
-        elif self.applied.get(key) != body["metadata"].get("generation"):
+        elif changed:
             plan.delete.append(("autoscaling/v2", "HorizontalPodAutoscaler", b.base(key[1])))
+        if b.auth(body):
+            # Before the Deployments: a server that starts checks callers at once.
+            plan.apply[:0] = [b.service_account(body), b.access_review_binding(body)]
+        elif changed:
+            sa = b.service_account_name(key[1])
+            plan.delete += [
+                (RBAC, "RoleBinding", f"{sa}-access-review"),
+                ("v1", "ServiceAccount", sa),
+            ]
         plan.apply += static  # after the Deployments: their pods start first
         return plan
 
     async def carry_out(self, key: Key, body: Obj, plan: Plan) -> None:
+        await self.bind_token_review(key, body)
         await super().carry_out(key, body, plan)
         self.applied[key] = body["metadata"].get("generation")
+
+    async def bind_token_review(self, key: Key, body: Obj) -> None:
+        """The servers' ClusterRoleBinding to TokenReview: cluster-scoped, so applied without an owner reference
+        (and removed by the sweep once its ModelDeployment is gone)."""
+        crb = b.token_review_binding(body)
+        name = crb["metadata"]["name"]
+        mark = (key, "ClusterRoleBinding", name)
+        if b.auth(body):
+            text = json.dumps(crb, sort_keys=True)
+            if self.sent.get(mark) != text:
+                await self.client.apply(crb)
+                self.sent[mark] = text
+        elif self.applied.get(key) != body["metadata"].get("generation"):
+            await self.client.delete(RBAC, "ClusterRoleBinding", "", name)
+            self.sent.pop(mark, None)
+
+    async def sweep(self) -> int:
+        """Delete the servers' ClusterRoleBindings whose ModelDeployment is gone (or is another one by that name):
+        the garbage collector cannot, as no namespaced owner can own them. Returns how many it deleted."""
+        found = await self.client.get(
+            f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings?labelSelector={labels.OWNER_NAMESPACE}",
+            "clusterrolebindings",
+        )
+        gone = 0
+        for crb in found.get("items") or []:
+            meta = crb["metadata"]
+            namespace = (meta.get("labels") or {}).get(labels.OWNER_NAMESPACE)
+            name = (meta.get("labels") or {}).get(labels.INSTANCE)
+            uid = (meta.get("annotations") or {}).get(labels.OWNER_UID)
+            if not namespace or not name:
+                continue
+            # A list by name, not a GET: the operator lists and watches, and needs no other verb for this.
+            try:
+                mds = await self.client.get(
+                    f"/apis/kiln.dev/v1alpha1/namespaces/{namespace}/modeldeployments"
+                    f"?fieldSelector=metadata.name%3D{name}",
+                    "modeldeployments",
+                )
+            except ApiError as e:
+                if e.status != 403:
+                    raise
+                continue  # a namespace this operator does not watch (a namespaced install): not ours to judge
+            md = next(iter(mds.get("items") or []), None)
+            owner = md["metadata"].get("uid") if md else None
+            auth = b.auth(md) if md else False
+            stale = owner is None or (uid and owner != uid) or not auth
+            if stale and await self.client.delete(RBAC, "ClusterRoleBinding", "", meta["name"]):
+                log.info("deleted %s: ModelDeployment %s/%s is gone or no longer asks", meta["name"], namespace, name)
+                gone += 1
+        return gone
+
+    def observe(self, body: Any, event_type: str | None) -> Key:
+        key = super().observe(body, event_type)
+        if event_type == "DELETED" and b.auth(body):
+            self._swept.set()  # its binding goes now, not at the next round
+        return key
+
+    async def _sweeping(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._swept.wait(), SWEEP_SECONDS)
+            self._swept.clear()
+            try:
+                await self.sweep()
+            except Exception:  # the next round tries again; a sweep never stops the controller
+                log.warning("could not sweep the servers' ClusterRoleBindings", exc_info=True)
+
+    def start(self) -> None:
+        super().start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweeping())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self.prometheus is not None:
+            await self.prometheus.close()
+        await super().stop()
 
     def _targets(self, pods: list[Any], revision: str) -> list[str]:
         urls = []
@@ -165,8 +267,3 @@ class ModelDeployments(ApplyOwner):
         except am.AnalysisUnavailable as e:
             return life.Analysis(due.revision, due.step, due.window, error=str(e)[:512])
         return life.Analysis(due.revision, due.step, due.window, candidate=samples[0], stable=samples[1])
-
-    async def stop(self) -> None:
-        if self.prometheus is not None:
-            await self.prometheus.close()
-        await super().stop()

@@ -192,7 +192,8 @@ def decide(
     if failed:
         failure = classify(current, cpods, container=b.CONTAINER, oom_hint=_oom_hint(spec))
         said = next((r for p in cpods if (r := report(p, b.CONTAINER))), None) or {}
-        cls = "ParityCheck" if said.get("reason") == "ParityCheck" else failure.cls
+        # The compressor's own classes, which no exit code alone says: a step's check, a source refused unverified.
+        cls = said["reason"] if said.get("reason") in ("ParityCheck", "Untrusted") else failure.cls
         retry = cls == "Preemption" or (cls == "Infrastructure" and attempt < MAX_INFRA_ATTEMPTS)
         if retry and attempt < 99:
             plan.create = [
@@ -204,7 +205,7 @@ def decide(
             msg = f"attempt {attempt} failed ({cls}: {failure.message}); retrying as attempt {attempt + 1}"
             plan.events.append(("Warning", "Retrying", msg[:1024]))
             return _running(plan, old, conds, status, cls, msg, now)
-        known = cls if cls in ("UserError", "OutOfMemory", "Infrastructure", "ParityCheck") else "Unknown"
+        known = cls if cls in ("UserError", "OutOfMemory", "Infrastructure", "ParityCheck", "Untrusted") else "Unknown"
         status["failure"] = replace(failure, cls=known, reason=said.get("reason") or failure.reason).to_status(now)
         if failure.pod and not failure.log_tail:
             plan.want_log_tail = failure.pod

@@ -27,7 +27,7 @@ HISTORY = 20
 REJECTED = 20
 # A crash-looping candidate, or one whose model does not load, is rolled back at once; a slow image pull or an
 # unschedulable pod only when the progress deadline passes.
-FATAL = {"CrashLoopBackOff", "ModelLoadFailed", "PodFailed"}
+FATAL = {"CrashLoopBackOff", "ModelLoadFailed", "ArtifactUntrusted", "PodFailed"}
 WAITING = {
     "CrashLoopBackOff",
     "ImagePullBackOff",
@@ -183,6 +183,8 @@ def pod_problem(pod: Mapping[str, Any]) -> tuple[str, str] | None:
         # The server's JSON summary, or (FallbackToLogsOnError) its log's last lines.
         text = last.get("message") or ""
         said = str((read_termination_message(text) or {}).get("message") or text).strip()[-512:]
+        if waiting["reason"] == "CrashLoopBackOff" and last.get("exitCode") == ExitCode.UNTRUSTED:
+            return "ArtifactUntrusted", f"pod {name}: the server refused the artifact: {said or 'no message'}"
         if waiting["reason"] == "CrashLoopBackOff" and last.get("exitCode") in LOAD_FAILURES:
             return "ModelLoadFailed", f"pod {name}: the server exited {last['exitCode']}: {said or 'no message'}"
         detail = f"; last exit {last.get('exitCode')}: {said}" if last else ""

@@ -156,6 +156,9 @@ def classify(
             cls, reason, message = "Infrastructure", "Killed", f"the container was killed by a signal (exit {code})"
         else:
             cls, reason, message = "Unknown", "Error", f"the container exited with code {code}"
+        if said and said.get("message") and said.get("reason") not in BATCH_CLASSES:
+            # A class of the kind's own (a compression's parity check, an untrusted source): the program's words.
+            message = f"{message}: {said['message']}"
         if cls == "OutOfMemory" and oom_hint:
             message += f"; hint: {oom_hint}"
         checkpoint = (said or {}).get("lastCheckpoint")
