@@ -8,6 +8,7 @@ hack/venv.sh
 echo "[test] ruff" >&2
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
 hack/build-control-plane.sh
+hack/build-kstatus.sh  # kstatus' reading of the statuses the state machines write (tests/unit/test_kstatus.py)
 # The real node beside the simulated ones, and Kiln's images for it (KILN_REAL_NODE=0: simulated nodes only).
 if [ "${KILN_REAL_NODE:-1}" != 0 ]; then
   hack/build-node.sh

@@ -53,7 +53,13 @@ def kstatus(
 ) -> list[Condition]:
     """Ready / Reconciling / Stalled, the conditions kstatus (and the GitOps tools built on it) read to tell
     Current, InProgress and Failed apart. All three say ``reason`` and ``message`` unless ``own`` gives one of
-    them (by type) a reason and message of its own."""
+    them (by type) a reason and message of its own.
+
+    kstatus (sigs.k8s.io/cli-utils) reads, in order: an unobserved generation as InProgress, Reconciling=True as
+    InProgress, Stalled=True as Failed, and only then Ready: True is Current, False InProgress. So a state the spec
+    asks for that is not converging (suspended, held for a person) needs Ready=True to read Current, and a state
+    that only a spec change or a new artifact can move on needs Stalled=True (Reconciling=False) to read Failed,
+    whatever Ready says (tests/unit/test_kstatus.py runs kstatus on every phase)."""
     own = own or {}
     on = {"Ready": ready, "Reconciling": reconciling, "Stalled": stalled}
     return [Condition(t, flag(on[t]), *own.get(t, (reason, message))) for t in KSTATUS]

@@ -228,7 +228,7 @@ def test_gpu_limits_and_toleration_only_with_gpus():
     body = load(SINGLE)
     c = trainer(b.indexed_job(body, 1))
     assert c["resources"] == {
-        "requests": {"cpu": "8", "memory": "32Gi"},
+        "requests": {"cpu": "8", "memory": "32Gi", "ephemeral-storage": "1Gi"},
         "limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 1},
     }
     toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -236,7 +236,8 @@ def test_gpu_limits_and_toleration_only_with_gpus():
     body["spec"]["resources"] = {"gpus": 0}
     body["spec"]["hyperparameters"]["precision"] = "fp32"
     job = b.indexed_job(body, 1)
-    assert trainer(job)["resources"] == {}
+    # Nothing named: the defaults, as requests only (Burstable, never BestEffort).
+    assert trainer(job)["resources"] == {"requests": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "1Gi"}}
     assert "tolerations" not in pod(job)
     # A user toleration stays, the GPU one is not duplicated.
     body["spec"]["resources"]["gpus"] = 2
@@ -304,8 +305,9 @@ def test_hardening():
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     volumes = {v["name"]: v for v in pod(job)["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    assert volumes[mounts["/tmp"]]["emptyDir"] == {}
-    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
+    # Both bounded: /tmp on the node's disk, /dev/shm in memory by the container's memory (here spec.resources').
+    assert volumes[mounts["/tmp"]]["emptyDir"] == {"sizeLimit": "20Gi"}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
 
 
 def test_user_env_and_artifact_env_cannot_override_kiln_env():
@@ -369,7 +371,7 @@ def test_pod_template_merges_but_cannot_replace_what_kiln_owns():
     assert c["securityContext"] == trainer(plain)["securityContext"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["cache"] == {"name": "cache", "emptyDir": {}}
-    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi"}}
     assert {"name": "cache", "mountPath": "/cache"} in c["volumeMounts"]
 
 

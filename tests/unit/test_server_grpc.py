@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import json
 import socket
 import subprocess
 import sys
@@ -18,6 +19,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tg
+from google.protobuf.descriptor_pool import DescriptorPool
+from google.protobuf.message_factory import GetMessageClass
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.server import SENTENCES, ServerProcess, counter, image_artifact, run_server, wait_in_flight
@@ -223,6 +227,55 @@ def test_tritonclient_grpc_health_metadata_and_infer(image_server: ServerProcess
     typed = client._client_stub.ModelInfer(service_pb2.ModelInferRequest.FromString(msg.SerializeToString()))
     np.testing.assert_allclose(tg.InferResult(typed).as_numpy("logits"), expected, rtol=1e-5, atol=1e-5)
     client.close()
+
+
+def test_grpc_metadata_says_what_rest_says(image_server: ServerProcess):
+    """Server metadata's extensions and the model's parameters (digest, task, providers, ...) over gRPC as over
+    REST: parameters in the specification's ModelMetadataResponse.properties (strings; other values as JSON)."""
+    rest_server = json.loads(image_server.request("GET", "/v2")[2])
+    rest_model = json.loads(image_server.request("GET", "/v2/models/digits")[2])
+    client = _client(image_server)
+    assert list(client.get_server_metadata().extensions) == rest_server["extensions"]
+    client.close()
+    with grpc.insecure_channel(f"127.0.0.1:{image_server.grpc_port}") as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelMetadata", response_deserializer=pb.ModelMetadataResponse.FromString
+        )
+        meta = call(pb.ModelMetadataRequest(name="digits").SerializeToString(), timeout=30)
+    expected = {k: v if isinstance(v, str) else json.dumps(v) for k, v in rest_model["parameters"].items()}
+    assert dict(meta.properties) == expected
+    assert json.loads(meta.properties["execution_providers"]) == ["CPUExecutionProvider"]
+    assert meta.properties["digest"].startswith("sha256:")
+
+
+def test_grpc_reflection_describes_the_service(image_server: ServerProcess):
+    """What grpcurl does without the .proto: list the services, fetch their descriptors by reflection and call
+    ModelInfer with a message built from them alone. The names are the specification's (package ``inference``)."""
+    with grpc.insecure_channel(f"127.0.0.1:{image_server.grpc_port}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "inference.GRPCInferenceService" in set(database.get_services())
+        pool = DescriptorPool(database)
+        service = pool.FindServiceByName("inference.GRPCInferenceService")
+        methods = {m.name: (m.input_type.full_name, m.output_type.full_name) for m in service.methods}
+        assert methods == {
+            name: (f"inference.{name}Request", f"inference.{name}Response")
+            for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+        }
+        properties = pool.FindMessageTypeByName("inference.ModelMetadataResponse").fields_by_name["properties"]
+        assert (properties.number, properties.message_type.GetOptions().map_entry) == (6, True)
+        infer = service.methods_by_name["ModelInfer"]
+        request_class = GetMessageClass(infer.input_type)
+        response_class = GetMessageClass(infer.output_type)
+        request = request_class(model_name="digits")
+        tensor = request.inputs.add(name="pixel_values", datatype="FP32", shape=[1, 1, 8, 8])
+        tensor.contents.fp32_contents.extend([0.0] * 64)
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        response = call(request, timeout=30)
+    assert [(o.name, list(o.shape)) for o in response.outputs] == [("logits", [1, 10]), ("label", [1])]
 
 
 def test_grpc_errors_are_status_codes_naming_the_problem(image_server: ServerProcess):

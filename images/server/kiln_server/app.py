@@ -12,12 +12,15 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from kiln_artifacts.contract import ExitCode, termination_message, write_termination_message
 
@@ -31,7 +34,7 @@ from .metrics import AuthMetrics, Metrics, MonitorMetrics, TlsMetrics
 from .model import Model
 from .monitor import Monitor, create_monitor, model_labels
 from .payload import PayloadLog
-from .protocol import InferRequest, OutputTensor, encode_response, error_body, parse_infer_request
+from .protocol import EXTENSIONS, InferRequest, OutputTensor, encode_response, error_body, parse_infer_request
 from .tls import CertificateWatcher, TlsError, describe_expiry
 
 if TYPE_CHECKING:
@@ -40,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kiln_server")
 
 JSON = "application/json"
-EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 DEADLINE_HEADER = "Kiln-Timeout-Ms"
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUEST_ID = 256
@@ -264,13 +266,20 @@ class Server:
             raise RequestError(f"request body: {length} bytes is over the limit of {limit}", 413)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("identity", "gzip", "deflate"):
-            raise RequestError(f"Content-Encoding: {encoding[:40]!r} is not supported (gzip, deflate, identity)", 415)
+            refused = _error(415, f"Content-Encoding: {encoding[:40]!r} is not supported (gzip, deflate, identity)")
+            # The body is still on the connection: read past it so the next request there is understood.
+            if not await _discard_body(request, limit):
+                refused.force_close()
+            return refused
         try:
-            body = await request.read()  # aiohttp inflates gzip/deflate; the size limit applies to the result
+            # As sent: the runner leaves decoding to us (auto_decompress off), so the limit bounds it here first.
+            body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise RequestError(f"request body: over the limit of {limit} bytes", 413) from None
-        except Exception as e:  # a broken chunked encoding or compressed stream: the client's fault
+        except Exception as e:  # the body ended early or broke its chunked framing: the client's fault
             raise BadRequest(f"request body: cannot be read ({type(e).__name__}: {e})"[:300]) from None
+        if encoding != "identity":
+            body = _decode_body(body, encoding, limit)
         header = request.headers.get("Inference-Header-Content-Length")
         header_length = None
         if header is not None:
@@ -361,8 +370,12 @@ class Server:
         for sig, fast in ((signal.SIGTERM, False), (signal.SIGINT, True)):
             loop.add_signal_handler(sig, self.request_stop, fast)
         # Our own drain (below) finishes the requests; the runners' shutdown only closes what is left, briefly.
-        runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        metrics_runner = web.AppRunner(
+        # Bodies arrive as sent (auto_decompress off): _decode_body inflates them. aiohttp's own decoding fails
+        # inside its parser, which then drops the connection (and logs the client's bad gzip as an ERROR).
+        runner = _AppRunner(
+            self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0, auto_decompress=False
+        )
+        metrics_runner = _AppRunner(
             self.build_metrics_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
         await runner.setup()
@@ -503,7 +516,7 @@ class Server:
         # Imported only when served: a server with --grpc-port off runs where grpcio is not installed.
         import grpc
 
-        from .grpc_service import GrpcService
+        from .grpc_service import GrpcService, enable_reflection
 
         self._grpc = grpc.aio.server(
             handlers=[GrpcService(self).handler()],
@@ -512,6 +525,7 @@ class Server:
                 ("grpc.so_reuseport", 0),  # a port in use must fail here (ExitCode.PORT), not be shared silently
             ],
         )
+        enable_reflection(self._grpc)
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
             if self.tls is not None:
@@ -641,6 +655,109 @@ def _set_exception(future: asyncio.Future[None], e: BaseException) -> None:
 def _set_result(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _decode_body(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate body inflated, at most ``limit`` bytes of it (a small body can inflate to gigabytes):
+    413 over it, 400 for data that is not what the Content-Encoding says."""
+    if encoding == "gzip":
+        wbits = 16 + zlib.MAX_WBITS
+    else:
+        # RFC 9110's deflate is the zlib format, but some clients send raw deflate: the first byte tells them apart
+        # (a zlib stream's low nibble is 8, its compression method), as aiohttp and browsers tell them.
+        wbits = zlib.MAX_WBITS if body[:1] and body[0] & 0x0F == 8 else -zlib.MAX_WBITS
+    out: list[bytes] = []
+    size = 0
+    rest = body
+    try:
+        while rest:
+            inflater = zlib.decompressobj(wbits)
+            out.append(inflater.decompress(rest, limit + 1 - size))
+            size += len(out[-1])
+            if size > limit:
+                raise RequestError(f"request body: over the limit of {limit} bytes once {encoding}-decoded", 413)
+            if not inflater.eof:
+                raise BadRequest(f"request body: the {encoding} data ends early")
+            # gzip allows several members one after the other (what concatenated .gz files are); deflate does not
+            rest = inflater.unused_data
+            if rest and encoding != "gzip":
+                raise BadRequest(f"request body: {len(rest)} bytes after the end of the deflate data")
+    except zlib.error as e:
+        raise BadRequest(f"request body: not valid {encoding} data ({e})"[:300]) from None
+    return b"".join(out)
+
+
+async def _discard_body(request: web.Request, limit: int) -> bool:
+    """Read and drop what is left of a request's body, at most ``limit`` bytes: True when it ended within them
+    (the connection can take another request), False when the connection should close after the answer."""
+    seen = 0
+    try:
+        while seen <= limit:
+            chunk = await request.content.readany()
+            if not chunk:
+                return True
+            seen += len(chunk)
+    except Exception:  # the client went away or broke the framing: nothing more to read there
+        return False
+    return False
+
+
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, with the errors it answers itself in Kiln's shape. The HTTP parser refuses a
+    malformed request (a NUL in a header, a broken chunked encoding, Content-Length with Transfer-Encoding, a
+    line over 8190 bytes) before any route sees it; aiohttp answers those 400 in plain text and logs them as an
+    ERROR with a traceback. They are the client's mistakes: JSON ``{"error": ...}`` like every other answer, and a
+    DEBUG line, so that an ERROR in the log always means the server is at fault."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            if exc is not None:  # a handler raised: a bug of ours, with the traceback to find it
+                self.log_exception("error handling %s %s", request.method, request.path, exc_info=exc)
+            text = f"internal error: {type(exc).__name__}" if exc is not None else HTTPStatus(status).phrase
+        else:
+            if message is None and isinstance(exc, HttpProcessingError):
+                message = exc.message
+            # aiohttp's message spans lines, the last pointing at the offending byte with a caret: one line here
+            lines = (line.strip() for line in (message or HTTPStatus(status).phrase).splitlines())
+            text = "bad HTTP request: " + " ".join(line for line in lines if line.strip("^"))
+            text = text[:300]
+            self.logger.debug("%s from %s", text, request.remote)
+        if request.writer.output_size > 0:  # part of an answer went out already: only closing is left
+            raise ConnectionError("the answer has begun; no error answer can follow")
+        response = _error(status, text)
+        # As aiohttp's own: after a parser error nothing later on the connection is known to start a request.
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's connection factory, making _RequestHandler connections."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _AppRunner(web.AppRunner):
+    """An AppRunner whose connections are _RequestHandler's: the application, its middlewares and settings as
+    AppRunner makes them, only the connection class differs."""
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            **made._kwargs,
+        )
 
 
 @web.middleware

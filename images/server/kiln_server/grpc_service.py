@@ -6,14 +6,17 @@ ModelInferRequest into protocol.InferRequest and outputs into a ModelInferRespon
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError, Message
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from . import __version__
 from .auth import Decision, ReviewError
@@ -22,6 +25,7 @@ from .proto import open_inference_pb2 as pb
 from .protocol import (
     DATATYPES,
     DTYPES,
+    EXTENSIONS,
     InferRequest,
     OutputTensor,
     Tensor,
@@ -37,6 +41,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("kiln_server")
 
 SERVICE = "inference.GRPCInferenceService"
+PACKAGE = "inference"  # the specification's, under which reflection describes the service and its messages
+SPEC_FILE = "open_inference_grpc.proto"  # the specification's file name, likewise
+# method -> (request, response): what reflection tells clients (the handlers decode the bytes themselves)
+METHODS: dict[str, tuple[type[Message], type[Message]]] = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+}
 
 # A request error's HTTP status -> the gRPC code (as Triton's and KServe's gRPC servers answer). A full queue is
 # UNAVAILABLE, the code gRPC clients retry, rather than RESOURCE_EXHAUSTED (a quota, not retried by default).
@@ -161,6 +176,50 @@ def encode_response(model: str, version: str, request_id: str | None, outputs: l
     return resp.SerializeToString()
 
 
+def properties(parameters: dict[str, Any]) -> dict[str, str]:
+    """REST's model metadata ``parameters`` as ModelMetadataResponse.properties (a string map): strings as they
+    are, other values (lists, numbers) as JSON; none is left out."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in parameters.items()}
+
+
+def _rename(messages: Iterable[descriptor_pb2.DescriptorProto], old: str, new: str) -> None:
+    for message in messages:
+        for field in message.field:
+            if field.type_name.startswith(old):
+                field.type_name = new + field.type_name[len(old) :]
+        _rename(message.nested_type, old, new)
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """The descriptors gRPC reflection serves: the service and its messages as the specification names them,
+    package ``inference`` (the generated module's package is Kiln's own, see open_inference.proto), and the
+    reflection service's own. A pool apart from protobuf's default one, where the service's name and a client's
+    generated ``inference.*`` classes could clash."""
+    spec = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(spec)
+    _rename(spec.message_type, f".{spec.package}.", f".{PACKAGE}.")
+    spec.name, spec.package = SPEC_FILE, PACKAGE
+    service = spec.service.add(name=SERVICE.rsplit(".", 1)[1])
+    for name, (request, response) in METHODS.items():
+        service.method.add(
+            name=name,
+            input_type=f".{PACKAGE}.{request.DESCRIPTOR.name}",
+            output_type=f".{PACKAGE}.{response.DESCRIPTOR.name}",
+        )
+    own = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(own)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(spec)
+    pool.Add(own)
+    return pool
+
+
+def enable_reflection(server: grpc.aio.Server) -> None:
+    """gRPC server reflection (grpc.reflection.v1alpha), so that generic clients (grpcurl, Postman) call the service
+    without its .proto. Open like the health methods: it tells the public specification, no model or data."""
+    reflection.enable_server_reflection([SERVICE, reflection.SERVICE_NAME], server, pool=reflection_pool())
+
+
 def decode_message(kind: type[Message], raw: bytes) -> Any:
     try:
         return kind.FromString(raw)
@@ -219,6 +278,7 @@ class GrpcService:
             "ModelMetadata": self._unary(pb.ModelMetadataRequest, self.model_metadata),
             "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
         }
+        assert methods.keys() == METHODS.keys()  # what reflection describes is what is served
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
     async def server_live(self, _req: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
@@ -232,7 +292,7 @@ class GrpcService:
         return pb.ModelReadyResponse(ready=self.server.ready)
 
     async def server_metadata(self, _req: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="kiln-server", version=__version__, extensions=[])
+        return pb.ServerMetadataResponse(name="kiln-server", version=__version__, extensions=EXTENSIONS)
 
     async def model_metadata(self, req: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
         self.server.check_model(req.name, req.version or None)
@@ -244,6 +304,7 @@ class GrpcService:
             platform=meta["platform"],
             inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]],
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]],
+            properties=properties(meta["parameters"]),
         )
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:

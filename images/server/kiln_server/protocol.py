@@ -32,6 +32,8 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
 }
 DATATYPES = (*DTYPES, "BYTES")
+# The protocol extensions server metadata lists, over REST and gRPC alike (Triton too reports one list for both).
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 MAX_DIMS = 8
 MAX_ELEMENTS = 1 << 28
 MAX_NAME = 256

@@ -83,8 +83,14 @@ def resources(description: str, *, gpus_help: str) -> Schema:
     return obj(
         description,
         {
-            "cpu": quantity("CPU request, also the limit (e.g. 4 or 3500m)."),
-            "memory": quantity("Memory request, also the limit (e.g. 16Gi)."),
+            "cpu": quantity(
+                "CPU request, also the limit (e.g. 4 or 3500m). Absent: a request of the kind's default and no limit "
+                "(docs/api.md, Resources)."
+            ),
+            "memory": quantity(
+                "Memory request, also the limit (e.g. 16Gi); it also bounds a memory-backed /dev/shm. Absent: a "
+                "request of the kind's default and no limit."
+            ),
             "gpus": integer(f"NVIDIA GPUs (nvidia.com/gpu). {gpus_help}", minimum=0, maximum=16, default=0),
         },
         default={"gpus": 0},

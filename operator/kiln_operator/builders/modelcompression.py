@@ -11,16 +11,17 @@ from typing import Any
 
 from kiln_operator import labels
 from kiln_operator.builders.pods import (
+    COMPRESSOR,
     CONTAINER_SECURITY,
     POD_SECURITY,
     TMP_MOUNT,
-    TMP_VOLUME,
     container_resources,
     key_volumes,
     merge,
     placement,
     pvc_mounts,
     reassert,
+    tmp_volume,
 )
 
 Obj = dict[str, Any]
@@ -107,7 +108,7 @@ def compressor_job(
         "imagePullPolicy": spec.get("imagePullPolicy") or "IfNotPresent",
         "command": ["python", "-m", "kiln_compressor"],
         "env": [e for e in user_env if e["name"] not in names] + kiln_env,
-        "resources": container_resources(spec),
+        "resources": container_resources(spec, COMPRESSOR),
         "volumeMounts": [*mounts, TMP_MOUNT, *key_mounts],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
@@ -119,7 +120,7 @@ def compressor_job(
         "automountServiceAccountToken": False,  # the compressor never calls the API
         "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],
-        "volumes": [*volumes, TMP_VOLUME, *key_vols],
+        "volumes": [*volumes, tmp_volume(COMPRESSOR), *key_vols],
     }
     pod_spec.update(placement(spec))
     pod_labels = child_labels(mc, key, attempt)
@@ -136,7 +137,7 @@ def compressor_job(
             pod_spec["containers"].insert(0, ours)
         ours.update(image=image, command=list(container["command"]))
         ours["env"] = [e for e in ours.get("env") or [] if e.get("name") not in names] + copy.deepcopy(kiln_env)
-        pod_spec["volumes"] = reassert(pod_spec.get("volumes") or [], [*volumes, TMP_VOLUME, *key_vols])
+        pod_spec["volumes"] = reassert(pod_spec.get("volumes") or [], [*volumes, tmp_volume(COMPRESSOR), *key_vols])
         ours["volumeMounts"] = reassert(ours.get("volumeMounts") or [], [*mounts, TMP_MOUNT, *key_mounts])
     job_labels = child_labels(mc, key, attempt)
     queue = scheduling.get("queueName")

@@ -19,8 +19,8 @@ from kiln_operator import labels
 from kiln_operator.builders.pods import (
     CONTAINER_SECURITY,
     POD_SECURITY,
+    SERVER,
     TMP_MOUNT,
-    TMP_VOLUME,
     TRUSTED_KEYS_DIR,
     container_resources,
     dns_label,
@@ -29,6 +29,7 @@ from kiln_operator.builders.pods import (
     placement,
     pvc_mounts,
     quantity,
+    tmp_volume,
 )
 from kiln_operator.resources import MODEL_DEPLOYMENT
 
@@ -235,7 +236,7 @@ def deployment(
     kiln_names = {e["name"] for e in kiln_env}
     user_env = [dict(e) for e in artifact_env]
     key_vols, key_mounts, _, _ = key_volumes(spec)
-    volumes = [*pvc_volumes, TMP_VOLUME, *key_vols]  # read-only root: TensorRT cache, temp files
+    volumes = [*pvc_volumes, tmp_volume(SERVER), *key_vols]  # read-only root: TensorRT cache, temp files
     mounts = [*pvc_mounted, TMP_MOUNT, *key_mounts]
     secret = tls_secret(md)
     if secret:
@@ -262,7 +263,7 @@ def deployment(
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "resources": container_resources(spec),
+        "resources": container_resources(spec, SERVER),
         # Live while loading and draining; ready only when the model is loaded, warmed up and on its provider.
         "livenessProbe": probe("/v2/health/live", 10, 3),
         "readinessProbe": probe("/v2/health/ready", 2, 2),

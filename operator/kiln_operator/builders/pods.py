@@ -7,6 +7,7 @@ import copy
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kiln_artifacts.k8s import pvc_volume
@@ -31,8 +32,7 @@ POD_SECURITY: Obj = {
     "fsGroupChangePolicy": "OnRootMismatch",  # no recursive chown of a large data set on every start
     "seccompProfile": {"type": "RuntimeDefault"},
 }
-# The root filesystem is read-only: HOME, TMPDIR and caches live in this emptyDir.
-TMP_VOLUME: Obj = {"name": "tmp", "emptyDir": {}}
+# The root filesystem is read-only: HOME, TMPDIR and caches live in an emptyDir (tmp_volume) mounted here.
 TMP_MOUNT: Obj = {"name": "tmp", "mountPath": "/tmp"}
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -70,14 +70,51 @@ def placement(spec: Mapping[str, Any]) -> Obj:
     return out
 
 
-def container_resources(spec: Mapping[str, Any]) -> Obj:
+@dataclass(frozen=True)
+class Sizing:
+    """What a workload container asks for where spec.resources says nothing, and how large its scratch space may
+    grow. A request at all keeps a pod out of BestEffort (evicted first, invisible to Kueue's cpu/memory quota);
+    defaults are requests only, so a larger model than the default fits where the node has room."""
+
+    cpu: str
+    memory: str
+    tmp: str  # /tmp (an emptyDir on the node's disk): caches, downloads, staged artifacts
+    ephemeral: str  # the ephemeral-storage request: the scheduler then places the pod where /tmp can grow
+
+
+# Sized for the sample models: the trainer and the compressor hold a model, its data and (the compressor) two ONNX
+# sessions; the server one session. /tmp holds a Hugging Face download or an s3:// artifact cache.
+TRAINER = Sizing(cpu="1", memory="2Gi", tmp="20Gi", ephemeral="1Gi")
+COMPRESSOR = Sizing(cpu="1", memory="2Gi", tmp="20Gi", ephemeral="1Gi")
+SERVER = Sizing(cpu="250m", memory="512Mi", tmp="10Gi", ephemeral="256Mi")
+
+
+def container_resources(spec: Mapping[str, Any], sizing: Sizing) -> Obj:
+    """spec.resources: cpu and memory named are the request and the limit (Guaranteed where both are); the ones not
+    named get the kind's default as a request only; GPUs are limits (extended resources)."""
     res = spec.get("resources") or {}
     fixed = {k: res[k] for k in ("cpu", "memory") if res.get(k) is not None}
-    out: Obj = {"requests": dict(fixed), "limits": dict(fixed)} if fixed else {}
+    defaults = {"cpu": sizing.cpu, "memory": sizing.memory}
+    requests = {**{k: v for k, v in defaults.items() if k not in fixed}, **fixed, "ephemeral-storage": sizing.ephemeral}
+    out: Obj = {"requests": requests}
+    if fixed:
+        out["limits"] = dict(fixed)
     if res.get("gpus"):
         # Extended resources are limits only; the request defaults to the limit.
         out.setdefault("limits", {})[GPU] = res["gpus"]
     return out
+
+
+def tmp_volume(sizing: Sizing) -> Obj:
+    """The writable /tmp on the read-only root filesystem, bounded: a runaway cache evicts its pod, not the node."""
+    return {"name": "tmp", "emptyDir": {"sizeLimit": sizing.tmp}}
+
+
+def shm_volume(spec: Mapping[str, Any], sizing: Sizing) -> Obj:
+    """A memory-backed /dev/shm (DataLoader workers, NCCL) bounded by the container's memory: its pages count
+    against the memory limit anyway, and without a bound they could take the node's."""
+    memory = (spec.get("resources") or {}).get("memory") or sizing.memory
+    return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": memory}}
 
 
 def pvc_mounts(uses: Iterable[tuple[str, str, bool]]) -> tuple[list[Obj], list[Obj], list[Obj]]:

@@ -18,7 +18,7 @@ from kiln_operator.builders.pods import (
     CONTAINER_SECURITY,
     POD_SECURITY,
     TMP_MOUNT,
-    TMP_VOLUME,
+    TRAINER,
     container_resources,
     dns_label,
     key_volumes,
@@ -27,6 +27,8 @@ from kiln_operator.builders.pods import (
     pvc_mounts,
     quantity,
     reassert,
+    shm_volume,
+    tmp_volume,
 )
 
 Obj = dict[str, Any]
@@ -211,11 +213,7 @@ def indexed_job(
     scheduling = spec.get("scheduling") or {}
 
     pvc_volumes, pvc_mounted, pvc_env = pvc_mounts(uri_uses(spec))
-    volumes = [
-        *pvc_volumes,
-        TMP_VOLUME,
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # DataLoader workers and NCCL need a large /dev/shm
-    ]
+    volumes = [*pvc_volumes, tmp_volume(TRAINER), shm_volume(spec, TRAINER)]
     key_vols, key_mounts, signing_key, _ = key_volumes(spec)
     volumes += key_vols
     mounts = [*pvc_mounted, TMP_MOUNT, {"name": "dshm", "mountPath": "/dev/shm"}, *key_mounts]
@@ -237,7 +235,7 @@ def indexed_job(
         "command": command,
         "args": args,
         "env": [e for e in user_env if e["name"] not in kiln_names] + kiln_env,
-        "resources": container_resources(spec),
+        "resources": container_resources(spec, TRAINER),
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
         # The trainer writes its JSON result there; a crash before that still leaves the log tail.

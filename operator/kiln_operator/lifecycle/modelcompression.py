@@ -295,9 +295,12 @@ def _outcome(
             f"approve with: kubectl patch modelcompression {meta['name']} --type=merge "
             f'-p \'{{"spec":{{"promotion":{{"approvedDigest":"{candidate["digest"]}"}}}}}}\''
         )
+        # Held for a person, as spec.promotion asks: a state reached, not one converging, so kstatus must read
+        # Current, which takes Ready=True (it reads Ready=False as InProgress: a GitOps sync would wait for the
+        # approval that only a later commit brings). Promoted=False says it is not promoted; Ready's message says how.
         conds += [
             Condition("Promoted", "False", "AwaitingApproval", how),
-            *_summary("AwaitingApproval", how),
+            *_summary("AwaitingApproval", how, ready=True),
         ]
         status["phase"] = "AwaitingApproval"
         if old.get("phase") != "AwaitingApproval":

@@ -39,6 +39,11 @@ WAITING = {
 }
 # The server's exit codes for a bad flag, artifact, model contract or session: the model cannot load.
 LOAD_FAILURES = {ExitCode.USER_ERROR, ExitCode.ARTIFACT, ExitCode.CONTRACT, ExitCode.RUNTIME}
+# Pod problems that no restart, node or wait can fix: the server refused or could not load these exact bytes with
+# this spec, so only a new artifact or a spec change helps. When the only revision has one and is not ready, the
+# ModelDeployment is Stalled (kstatus: Failed), not Reconciling: GitOps tools report it instead of waiting for their
+# timeout. Image pulls, scheduling and other crash loops stay Reconciling (they may clear on their own).
+PERMANENT = {"ModelLoadFailed", "ArtifactUntrusted"}
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,17 @@ def pod_problem(pod: Mapping[str, Any]) -> tuple[str, str] | None:
         detail = f"; last exit {last.get('exitCode')}: {said}" if last else ""
         return waiting["reason"], f"pod {name}: {waiting['reason']}: {waiting.get('message') or ''}{detail}"
     return None
+
+
+def _newest_template(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The pods of a revision's newest pod template (``pod-template-hash``, set by its Deployment's ReplicaSets).
+    While a spec change rolls a revision's pods, the old template's pods stay until the new ones are ready
+    (maxUnavailable 0): their failures say nothing about whether the change fixed them."""
+    if not pods:
+        return []
+    newest = max(pods, key=lambda pod: str(pod["metadata"].get("creationTimestamp") or ""))
+    template = (newest["metadata"].get("labels") or {}).get("pod-template-hash")
+    return [pod for pod in pods if (pod["metadata"].get("labels") or {}).get("pod-template-hash") == template]
 
 
 def _unschedulable(pods: Sequence[Mapping[str, Any]]) -> str | None:
@@ -458,6 +474,7 @@ def _revisions(
             p.record(candidate, "Superseded", f"the source serves revision {stable.number} again")
             candidate = None
         p.keep(stable, "stable", n)
+        rolled_back = None
         if rejected is not None and target_key != stable.key:
             why = str(rejected.get("reason") or "")
             p.conds.append(
@@ -469,7 +486,8 @@ def _revisions(
                     f"spec.rollout.retryDigest names it: {why}",
                 )
             )
-        return _report(p, old, stable, None, by_key, n)
+            rolled_back = _not_retried(str(found and found.get("digest")), why)
+        return _report(p, old, stable, None, by_key, n, rolled_back=rolled_back)
 
     assert found is not None
     assert target_key is not None
@@ -610,7 +628,17 @@ def _rollback(
         status["rejected"] = [*kept, entry][-REJECTED:]
     p.conds.append(Condition("RolledBack", "True", reason, message))
     p.plan.events.append(("Warning", "RolledBack", message[:1024]))
-    return _report(p, old, stable, None, by_key, n)
+    why = f"{reason}: {message}"
+    return _report(p, old, stable, None, by_key, n, rolled_back=_not_retried(candidate.digest or candidate.uri, why))
+
+
+def _not_retried(artifact: str, why: str) -> str:
+    """The Stalled message of a rollback: what was rejected, why, and what moves the ModelDeployment on."""
+    return (
+        f"{artifact} was rolled back ({why}); the stable revision serves. A newer artifact rolls out; this one only "
+        "when spec.rollout.retryDigest names it in a newer spec generation (or pin spec.source.digest to the digest "
+        "that serves)"
+    )
 
 
 def _traffic(p: _Pass) -> None:
@@ -642,8 +670,10 @@ def _report(
     promoted: bool = False,
     approval: str | None = None,
     starting: str | None = None,
+    rolled_back: str | None = None,
 ) -> Plan:
-    """Status from what really runs: replicas and readiness of the revisions in service, problems of their pods."""
+    """Status from what really runs: replicas and readiness of the revisions in service, problems of their pods.
+    ``rolled_back`` says why the artifact the source asks for was rolled back (and is not retried), when it was."""
     status, md = p.plan.status, p.md
     serving = [r for r in (stable, candidate) if r is not None]
     pods = [pod for r in serving for pod in by_key.get(r.key, [])]
@@ -693,6 +723,18 @@ def _report(
             if unschedulable and not issues:
                 msg += f": {unschedulable}"
         progressing = candidate is not None or not is_ready or promoted or starting is not None
+    # Stalled (kstatus: Failed) when only a new artifact or a spec change can help: the only revision cannot load
+    # its model, or the artifact the source asks for was rolled back while the stable revision serves (Ready, but
+    # not what the spec and its source ask for: a GitOps sync that brought the new artifact must not read healthy).
+    stuck: tuple[str, str] | None = None
+    if stable is not None and candidate is None and starting is None:
+        if not is_ready and stable.annotations.get(labels.TEMPLATE_HASH) == b.template_hash(md, p.config.image_default):
+            problems = (pod_problem(pod) for pod in _newest_template(by_key.get(stable.key, [])))
+            stuck = next((x for x in problems if x and x[0] in PERMANENT), None)
+        if stuck is None and rolled_back and not progressing:
+            stuck = ("RolledBack", rolled_back)
+    if stuck is not None:
+        progressing = False
     if candidate is not None:
         canary = ((md.get("spec") or {}).get("rollout") or {}).get("strategy") == "Canary"
         what = f"canary step {candidate.step}, {status['canaryWeight']}% of ready pods" if canary else "rolling update"
@@ -703,16 +745,20 @@ def _report(
             prog_msg += f"; analysis: {status['analysis']['verdict']}: {status['analysis'].get('message', '')}"
     elif starting:
         prog_reason, prog_msg = "RollingOut", starting
+    elif stuck is not None:
+        prog_reason, prog_msg = stuck
     elif progressing:
         prog_reason, prog_msg = reason, msg
     else:
         prog_reason, prog_msg = "Complete", msg
     own = {"Reconciling": (prog_reason, prog_msg[:4096])}
-    if not stalled:
+    if stuck is not None:
+        own["Stalled"] = (stuck[0], stuck[1][:4096])
+    elif not stalled:
         own["Stalled"] = ("AsExpected", "")
     p.conds += [
         Condition("Progressing", flag(progressing), prog_reason, prog_msg[:4096]),
-        *kstatus(reason, msg, ready=is_ready, reconciling=progressing, stalled=stalled, own=own),
+        *kstatus(reason, msg, ready=is_ready, reconciling=progressing, stalled=stalled or stuck is not None, own=own),
     ]
     if stalled or (stable is None and not progressing):
         status["phase"] = "Failed"

@@ -484,7 +484,10 @@ def _set_conditions(
     message = message[:4096]
     failed = phase == "Failed"
     # Suspended as the spec asks is a state reached, not one converging: GitOps tools (kstatus) read it as Current.
-    settled = phase in TERMINAL or phase == "Suspended"
+    # That takes Ready=True too: with neither Reconciling nor Stalled True, kstatus falls back on Ready, and reads
+    # Ready=False as InProgress (a sync would wait for a job that waits for its spec). Succeeded says whether it ran.
+    suspended = phase == "Suspended"
+    settled = phase in TERMINAL or suspended
     model_reason = "ModelPublished" if artifact else ("NoArtifact" if phase == "Succeeded" else phase)
     model_message = (
         f"{artifact['uri']} ({artifact.get('digest', '')})"
@@ -497,7 +500,9 @@ def _set_conditions(
     if not failed:
         own["Stalled"] = ("NotStalled", message)
     wanted = [
-        *kstatus(reason, message, ready=phase == "Succeeded", reconciling=not settled, stalled=failed, own=own),
+        *kstatus(
+            reason, message, ready=phase == "Succeeded" or suspended, reconciling=not settled, stalled=failed, own=own
+        ),
         *(Condition(t, flag(phase == t), reason, message) for t in ("Running", "Suspended", "Succeeded", "Failed")),
         Condition("ModelReady", flag(bool(artifact)), model_reason, model_message),
     ]

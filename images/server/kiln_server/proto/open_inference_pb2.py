@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14open_inference.proto\x12\x08kiln.oip\"\x13\n\x11ServerLiveRequest\"\"\n\x12ServerLiveResponse\x12\x0c\n\x04live\x18\x01 \x01(\x08\"\x14\n\x12ServerReadyRequest\"$\n\x13ServerReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"2\n\x11ModelReadyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x12ModelReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"\x17\n\x15ServerMetadataRequest\"K\n\x16ServerMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nextensions\x18\x03 \x03(\t\"5\n\x14ModelMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x8b\x02\n\x15ModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12>\n\x06inputs\x18\x04 \x03(\x0b\x32..kiln.oip.ModelMetadataResponse.TensorMetadata\x12?\n\x07outputs\x18\x05 \x03(\x0b\x32..kiln.oip.ModelMetadataResponse.TensorMetadata\x1a?\n\x0eTensorMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xe5\x06\n\x11ModelInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12?\n\nparameters\x18\x04 \x03(\x0b\x32+.kiln.oip.ModelInferRequest.ParametersEntry\x12<\n\x06inputs\x18\x05 \x03(\x0b\x32,.kiln.oip.ModelInferRequest.InferInputTensor\x12G\n\x07outputs\x18\x06 \x03(\x0b\x32\x36.kiln.oip.ModelInferRequest.InferRequestedOutputTensor\x12\x1a\n\x12raw_input_contents\x18\x07 \x03(\x0c\x1a\x91\x02\n\x10InferInputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12P\n\nparameters\x18\x04 \x03(\x0b\x32<.kiln.oip.ModelInferRequest.InferInputTensor.ParametersEntry\x12/\n\x08\x63ontents\x18\x05 \x01(\x0b\x32\x1d.kiln.oip.InferTensorContents\x1aK\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kiln.oip.InferParameter:\x02\x38\x01\x1a\xd3\x01\n\x1aInferRequestedOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12Z\n\nparameters\x18\x02 \x03(\x0b\x32\x46.kiln.oip.ModelInferRequest.InferRequestedOutputTensor.ParametersEntry\x1aK\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kiln.oip.InferParameter:\x02\x38\x01\x1aK\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kiln.oip.InferParameter:\x02\x38\x01\"\xcf\x04\n\x12ModelInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12@\n\nparameters\x18\x04 \x03(\x0b\x32,.kiln.oip.ModelInferResponse.ParametersEntry\x12?\n\x07outputs\x18\x05 \x03(\x0b\x32..kiln.oip.ModelInferResponse.InferOutputTensor\x12\x1b\n\x13raw_output_contents\x18\x06 \x03(\x0c\x1a\x94\x02\n\x11InferOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12R\n\nparameters\x18\x04 \x03(\x0b\x32>.kiln.oip.ModelInferResponse.InferOutputTensor.ParametersEntry\x12/\n\x08\x63ontents\x18\x05 \x01(\x0b\x32\x1d.kiln.oip.InferTensorContents\x1aK\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kiln.oip.InferParameter:\x02\x38\x01\x1aK\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kiln.oip.InferParameter:\x02\x38\x01\"\x99\x01\n\x0eInferParameter\x12\x14\n\nbool_param\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bint64_param\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_param\x18\x03 \x01(\tH\x00\x12\x16\n\x0c\x64ouble_param\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cuint64_param\x18\x05 \x01(\x04H\x00\x42\x12\n\x10parameter_choice\"\xd0\x01\n\x13InferTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x08 \x03(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14open_inference.proto\x12\x08kiln.oip\"\x13\n\x11ServerLiveRequest\"\"\n\x12ServerLiveResponse\x12\x0c\n\x04live\x18\x01 \x01(\x08\"\x14\n\x12ServerReadyRequest\"$\n\x13ServerReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"2\n\x11ModelReadyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x12ModelReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"\x17\n\x15ServerMetadataRequest\"K\n\x16ServerMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nextensions\x18\x03 \x03(\t\"5\n\x14ModelMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x83\x03\n\x15ModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12>\n\x06inputs\x18\x04 \x03(\x0b\x32..kiln.oip.ModelMetadataResponse.TensorMetadata\x12?\n\x07outputs\x18\x05 \x03(\x0b\x32..kiln.oip.ModelMetadataResponse.TensorMetadata\x12\x43\n\nproperties\x18\x06 \x03(\x0b\x32/.kiln.oip.ModelMetadataResponse.PropertiesEntry\x1a?\n\x0eTensorMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe5\x06\n\x11ModelInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12?\n\nparameters\x18\x04 \x03(\x0b\x32+.kiln.oip.ModelInferRequest.ParametersEntry\x12<\n\x06inputs\x18\x05 \x03(\x0b\x32,.kiln.oip.ModelInferRequest.InferInputTensor\x12G\n\x07outputs\x18\x06 \x03(\x0b\x32\x36.kiln.oip.ModelInferRequest.InferRequestedOutputTensor\x12\x1a\n\x12raw_input_contents\x18\x07 \x03(\x0c\x1a\x91\x02\n\x10InferInputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12P\n\nparameters\x18\x04 \x03(\x0b\x32<.kiln.oip.ModelInferRequest.InferInputTensor.ParametersEntry\x12/\n\x08\x63ontents\x18\x05 \x01(\x0b\x32\x1d.kiln.oip.InferTensorContents\x1aK\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kiln.oip.InferParameter:\x02\x38\x01\x1a\xd3\x01\n\x1aInferRequestedOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12Z\n\nparameters\x18\x02 \x03(\x0b\x32\x46.kiln.oip.ModelInferRequest.InferRequestedOutputTensor.ParametersEntry\x1aK\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kiln.oip.InferParameter:\x02\x38\x01\x1aK\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kiln.oip.InferParameter:\x02\x38\x01\"\xcf\x04\n\x12ModelInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12@\n\nparameters\x18\x04 \x03(\x0b\x32,.kiln.oip.ModelInferResponse.ParametersEntry\x12?\n\x07outputs\x18\x05 \x03(\x0b\x32..kiln.oip.ModelInferResponse.InferOutputTensor\x12\x1b\n\x13raw_output_contents\x18\x06 \x03(\x0c\x1a\x94\x02\n\x11InferOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12R\n\nparameters\x18\x04 \x03(\x0b\x32>.kiln.oip.ModelInferResponse.InferOutputTensor.ParametersEntry\x12/\n\x08\x63ontents\x18\x05 \x01(\x0b\x32\x1d.kiln.oip.InferTensorContents\x1aK\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kiln.oip.InferParameter:\x02\x38\x01\x1aK\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kiln.oip.InferParameter:\x02\x38\x01\"\x99\x01\n\x0eInferParameter\x12\x14\n\nbool_param\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bint64_param\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_param\x18\x03 \x01(\tH\x00\x12\x16\n\x0c\x64ouble_param\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cuint64_param\x18\x05 \x01(\x04H\x00\x42\x12\n\x10parameter_choice\"\xd0\x01\n\x13InferTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x08 \x03(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'open_inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELMETADATARESPONSE_PROPERTIESENTRY']._loaded_options = None
+  _globals['_MODELMETADATARESPONSE_PROPERTIESENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._loaded_options = None
   _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._loaded_options = None
@@ -60,31 +62,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELMETADATAREQUEST']._serialized_start=342
   _globals['_MODELMETADATAREQUEST']._serialized_end=395
   _globals['_MODELMETADATARESPONSE']._serialized_start=398
-  _globals['_MODELMETADATARESPONSE']._serialized_end=665
-  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_start=602
-  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_end=665
-  _globals['_MODELINFERREQUEST']._serialized_start=668
-  _globals['_MODELINFERREQUEST']._serialized_end=1537
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_start=973
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_end=1246
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_start=1171
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_end=1246
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_start=1249
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_end=1460
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1171
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1246
-  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_start=1171
-  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_end=1246
-  _globals['_MODELINFERRESPONSE']._serialized_start=1540
-  _globals['_MODELINFERRESPONSE']._serialized_end=2131
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_start=1778
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_end=2054
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1171
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1246
-  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_start=1171
-  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_end=1246
-  _globals['_INFERPARAMETER']._serialized_start=2134
-  _globals['_INFERPARAMETER']._serialized_end=2287
-  _globals['_INFERTENSORCONTENTS']._serialized_start=2290
-  _globals['_INFERTENSORCONTENTS']._serialized_end=2498
+  _globals['_MODELMETADATARESPONSE']._serialized_end=785
+  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_start=671
+  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_end=734
+  _globals['_MODELMETADATARESPONSE_PROPERTIESENTRY']._serialized_start=736
+  _globals['_MODELMETADATARESPONSE_PROPERTIESENTRY']._serialized_end=785
+  _globals['_MODELINFERREQUEST']._serialized_start=788
+  _globals['_MODELINFERREQUEST']._serialized_end=1657
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_start=1093
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_end=1366
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_start=1291
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_end=1366
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_start=1369
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_end=1580
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1291
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1366
+  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_start=1291
+  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_end=1366
+  _globals['_MODELINFERRESPONSE']._serialized_start=1660
+  _globals['_MODELINFERRESPONSE']._serialized_end=2251
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_start=1898
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_end=2174
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1291
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1366
+  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_start=1291
+  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_end=1366
+  _globals['_INFERPARAMETER']._serialized_start=2254
+  _globals['_INFERPARAMETER']._serialized_end=2407
+  _globals['_INFERTENSORCONTENTS']._serialized_start=2410
+  _globals['_INFERTENSORCONTENTS']._serialized_end=2618
 # @@protoc_insertion_point(module_scope)
