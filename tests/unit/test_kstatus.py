@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from support.cluster import bin_dir
+from support.deployments import carry_out
 
 from kiln_artifacts.contract import ExitCode
 from kiln_operator import labels
@@ -265,18 +266,7 @@ class World:
         plan = mdlife.decide(
             self.md, source, copy.deepcopy(list(self.deployments.values())), self.pods, self.now, analysis=analysis
         )
-        for obj in plan.apply:
-            if obj["kind"] == "Deployment":
-                meta = obj["metadata"]
-                old = self.deployments.get(meta["name"], {})
-                self.deployments[meta["name"]] = {
-                    "metadata": {k: meta[k] for k in ("name", "labels", "annotations")},
-                    "spec": {"replicas": obj["spec"]["replicas"]},
-                    "status": old.get("status", {}),
-                }
-        for _, kind, name in plan.delete:
-            if kind == "Deployment":
-                self.deployments.pop(name, None)
+        carry_out(self.deployments, plan)
         self.md = {**self.md, "status": plan.status}
         return plan.status
 

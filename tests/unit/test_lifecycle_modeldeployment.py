@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 import pytest
+from support.deployments import carry_out
 
 from kiln_artifacts.contract import ExitCode
 from kiln_operator import labels
@@ -73,19 +74,7 @@ class World:
             monitoring=monitoring,
         )
         self.routes = [o for o in plan.apply if o["kind"] == "HTTPRoute"] or self.routes
-        for obj in plan.apply:
-            if obj["kind"] != "Deployment":
-                continue
-            meta = obj["metadata"]
-            old = self.deployments.get(meta["name"], {})
-            self.deployments[meta["name"]] = {
-                "metadata": {k: meta[k] for k in ("name", "labels", "annotations")},
-                "spec": {"replicas": obj["spec"]["replicas"]},
-                "status": old.get("status", {}),
-            }
-        for _, kind, name in plan.delete:
-            if kind == "Deployment":
-                self.deployments.pop(name, None)
+        carry_out(self.deployments, plan)
         self.md = {**self.md, "status": plan.status}
         self.plans.append(plan)
         return plan
