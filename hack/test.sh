@@ -9,6 +9,10 @@ echo "[test] ruff" >&2
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
 hack/build-control-plane.sh
 hack/build-kstatus.sh  # kstatus' reading of the statuses the state machines write (tests/unit/test_kstatus.py)
+# The ecosystem Kiln is tested against, each from the Go module proxy (its tests skip without it, except under CI):
+hack/build-helm.sh                 # Helm, for the chart (tests/unit/test_chart.py, tests/integration/test_helm.py)
+hack/build-kueue.sh                # Kueue's manager, CRDs and webhooks (tests/integration/test_kueue.py)
+hack/build-prometheus-operator.sh  # its CRDs and operator (tests/integration/test_prometheus_operator.py)
 # The real node beside the simulated ones, and Kiln's images for it (KILN_REAL_NODE=0: simulated nodes only).
 if [ "${KILN_REAL_NODE:-1}" != 0 ]; then
   hack/build-node.sh

@@ -39,6 +39,7 @@ _PATHS: dict[tuple[str, str], tuple[str, str]] = {
         "/apis/rbac.authorization.k8s.io/v1",
         "clusterrolebindings",
     ),
+    ("kueue.x-k8s.io/v1beta2", "Workload"): ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),
     ("kiln.dev/v1alpha1", "TrainingJob"): ("/apis/kiln.dev/v1alpha1", "trainingjobs"),
     ("kiln.dev/v1alpha1", "ModelCompression"): ("/apis/kiln.dev/v1alpha1", "modelcompressions"),
     ("kiln.dev/v1alpha1", "ModelDeployment"): ("/apis/kiln.dev/v1alpha1", "modeldeployments"),
@@ -117,7 +118,8 @@ class Client:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _path(api_version: str, kind: str, namespace: str, name: str | None = None) -> tuple[str, str]:
+    def path(api_version: str, kind: str, namespace: str, name: str | None = None) -> tuple[str, str]:
+        """The URL path of a collection (name None) or an object, and its plural (for the metrics)."""
         prefix, plural = _PATHS[(api_version, kind)]
         url = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
         return (f"{url}/{name}" if name else url), plural
@@ -129,7 +131,7 @@ class Client:
     async def create_or_get(self, obj: Mapping[str, Any]) -> Obj:
         """Create; on 409 (it exists: a retried pass, or a restart after the create) return the existing one."""
         meta = obj["metadata"]
-        url, plural = self._path(obj["apiVersion"], obj["kind"], meta["namespace"])
+        url, plural = self.path(obj["apiVersion"], obj["kind"], meta["namespace"])
         try:
             return json.loads((await self._call("POST", url, plural, body=obj))[1])
         except ApiError as e:
@@ -137,14 +139,14 @@ class Client:
                 raise NamespaceTerminating(meta["namespace"]) from None
             if e.status != 409:
                 raise
-        url, plural = self._path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        url, plural = self.path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
         return json.loads((await self._call("GET", url, plural))[1])
 
     async def apply(self, obj: Mapping[str, Any]) -> Obj:
         """Server-side apply as the operator's field manager, forced: creates or updates in one idempotent call,
         and fields we applied before but no longer send are removed."""
         meta = obj["metadata"]
-        url, plural = self._path(obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"])
+        url, plural = self.path(obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"])
         try:
             _, text = await self._call(
                 "PATCH",
@@ -171,7 +173,7 @@ class Client:
         subresource: str | None = None,
     ) -> Obj | None:
         """JSON merge patch; None when the object is gone."""
-        url, plural = self._path(api_version, kind, namespace, name)
+        url, plural = self.path(api_version, kind, namespace, name)
         if subresource:
             url, plural = f"{url}/{subresource}", f"{plural}/{subresource}"
         try:
@@ -184,7 +186,7 @@ class Client:
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         """Delete with background propagation (the GC removes pods); False when it was already gone."""
-        url, plural = self._path(api_version, kind, namespace, name)
+        url, plural = self.path(api_version, kind, namespace, name)
         options = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         try:
             await self._call("DELETE", url, plural, body=options)
@@ -196,7 +198,7 @@ class Client:
 
     async def log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str | None:
         """The last lines of a container's log, or None when the kubelet cannot give them (node gone)."""
-        url, _ = self._path("v1", "Pod", namespace, pod)
+        url, _ = self.path("v1", "Pod", namespace, pod)
         try:
             _, text = await self._call(
                 "GET", f"{url}/log", "pods/log", params={"container": container, "tailLines": str(lines)}

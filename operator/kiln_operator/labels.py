@@ -27,12 +27,12 @@ OWNER_UID = "kiln.dev/owner-uid"
 
 # Set by Kubernetes or Kueue, read by Kiln.
 QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # on a Workload: the uid of the Job it queues
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"  # on a Job's pods: which incarnation of the Job made them
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # on an Indexed Job's pods: the rank
 
 # TrainingJob attempts (annotations on each Job).
 LEDGER = "kiln.dev/ledger"  # what all attempts before this one used up (lifecycle.trainingjob.Ledger)
-SUSPENDED_BY_KILN = "kiln.dev/suspended-by-kiln"  # suspended for spec.suspend (not by Kueue): only those resume
 RESUME_FROM = "kiln.dev/resume-from"  # the checkpoint the attempt resumes from
 
 # ModelDeployment revisions (annotations on each Deployment): the rollout state.

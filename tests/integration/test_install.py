@@ -114,8 +114,13 @@ ALLOWED = [
     ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
     ("list", "clusterrolebindings.rbac.authorization.k8s.io"),
     ("bind", "clusterroles.rbac.authorization.k8s.io/kiln-server-tokenreview"),
+    # A queued TrainingJob's Kueue Workload: its eviction counts, and spec.active for spec.suspend.
+    ("list", "workloads.kueue.x-k8s.io", "-n", "default"),
+    ("patch", "workloads.kueue.x-k8s.io", "-n", "default"),
 ]
 DENIED = [
+    ("delete", "workloads.kueue.x-k8s.io", "-n", "default"),
+    ("update", "workloads.kueue.x-k8s.io", "-n", "default"),
     ("get", "secrets", "-n", "kiln-system"),
     ("list", "secrets", "--all-namespaces"),
     ("delete", "pods", "-n", "default"),

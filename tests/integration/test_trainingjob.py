@@ -353,29 +353,6 @@ def test_suspend_and_resume(cluster: Cluster, namespace: str, operator: Operator
     st = wait_for(phase_is(cluster, namespace, "pausable", "Running"), what="Running again")
     assert st["attempt"] == 1
     assert st["restarts"] == {"infrastructure": 0, "user": 0}
-    assert "kiln.dev/suspended-by-kiln" not in jobs(cluster, namespace, "pausable")[0]["metadata"]["annotations"]
-
-
-def test_kueue_label_and_suspend_are_left_to_kueue(cluster: Cluster, namespace: str, operator: Operator):
-    body = trainingjob("queued", scheduling={"queueName": "team-gpus"}, pod_annotations={"kwok.kiln.dev/run-for": "1s"})
-    apply(cluster, namespace, body)
-    st = wait_for(
-        lambda: (
-            (s := status(cluster, namespace, "queued")).get("conditions")
-            and condition(s, "Ready")["reason"] == "WaitingForQuota"
-            and s
-        ),
-        what="waiting for quota",
-    )
-    assert st["phase"] == "Pending"
-    (job,) = jobs(cluster, namespace, "queued")
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus"
-    assert job["spec"]["suspend"] is True
-    assert not pods(cluster, namespace, "queued", 1)
-    # Kueue admits the workload by unsuspending the Job; the operator must not fight it.
-    cluster.kubectl("patch", "-n", namespace, "job/queued-1", "--type=merge", "-p", '{"spec":{"suspend":false}}')
-    st = wait_for(phase_is(cluster, namespace, "queued", "Succeeded", "Failed"), what="admitted and done", timeout=60)
-    assert st["phase"] == "Succeeded"
 
 
 def test_ttl_deletes_children_then_the_trainingjob(cluster: Cluster, namespace: str, operator: Operator):

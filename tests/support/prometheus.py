@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from .net import free_port
+from .processes import stop
 from .waiting import wait_for
 
 CACHED = Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln") / "prometheus" / "usr/bin/prometheus"
@@ -146,10 +146,4 @@ def run_prometheus(
             raise AssertionError(f"{e}\nprometheus log tail:\n{_tail(log_path)}") from None
         yield url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop(proc)

@@ -291,19 +291,130 @@ def test_a_silent_trainer_misses_the_progress_deadline():
     )
 
 
-def test_suspend_is_mirrored_but_kueue_suspension_is_left_to_kueue():
+def test_suspend_is_mirrored_onto_a_job_without_a_queue():
     plan = life.decide(tj(suspend=True, status={"phase": "Running"}), [job(1)], [pod(1, 0, "Running")], None, NOW)
-    assert plan.patched("Job") == [
-        ("run-1", {"metadata": {"annotations": {labels.SUSPENDED_BY_KILN: "true"}}, "spec": {"suspend": True}})
-    ]
-    ours = job(1, suspend=True, annotations={labels.SUSPENDED_BY_KILN: "true"})
-    queued = tj(scheduling={"queueName": "gpus"})
-    plan = life.decide(queued, [ours], [], None, NOW)
-    assert plan.patched("Job")[0][1]["spec"] == {"suspend": False}
-    plan = life.decide(queued, [job(1, suspend=True)], [], None, NOW)
-    assert plan.patched("Job") == []
-    assert plan.status["phase"] == "Pending"
-    assert cond(plan.status, "Ready")["reason"] == "WaitingForQuota"
+    assert plan.patched("Job") == [("run-1", {"spec": {"suspend": True}})]
+    plan = life.decide(tj(status={"phase": "Suspended"}), [job(1, suspend=True)], [], None, NOW)
+    assert plan.patched("Job") == [("run-1", {"spec": {"suspend": False}})]
+
+
+JOB_UID = "job-uid-1"
+
+
+def queued_job(attempt=1, **kw):
+    out = job(attempt, **kw)
+    out["metadata"]["uid"] = JOB_UID
+    return out
+
+
+def workload(*, active=True, evictions=(), conditions=(), uid=JOB_UID):
+    return {
+        "metadata": {"name": "job-run-1-abcde", "labels": {labels.KUEUE_JOB_UID: uid}},
+        "spec": {"active": active},
+        "status": {
+            "conditions": [{"type": t, "status": st, **extra} for t, st, extra in conditions],
+            "schedulingStats": {"evictions": [{"reason": r, "underlyingCause": "", "count": n} for r, n in evictions]},
+        },
+    }
+
+
+def test_a_queued_job_is_never_suspended_or_resumed_by_kiln_but_through_its_workload():
+    queued = {"scheduling": {"queueName": "gpus"}}
+    running = life.decide(
+        tj(suspend=True, status={"phase": "Running"}, **queued),
+        [queued_job(1)],
+        [pod(1, 0, "Running")],
+        None,
+        NOW,
+        workload=workload(),
+    )
+    # Kueue unsuspends whatever it admitted: suspending the Job would fight it; deactivating asks it to stop.
+    assert running.patched("Job") == []
+    assert running.patched("Workload") == [("job-run-1-abcde", {"spec": {"active": False}})]
+    resumed = life.decide(
+        tj(status={"phase": "Suspended"}, **queued),
+        [queued_job(1, suspend=True)],
+        [],
+        None,
+        NOW,
+        workload=workload(active=False, evictions=[("Deactivated", 1)]),
+    )
+    assert resumed.patched("Job") == []
+    assert resumed.patched("Workload") == [("job-run-1-abcde", {"spec": {"active": True}})]
+    assert resumed.status["preemptions"] == 0  # asked for, not done to the job
+    # Waiting for quota: nothing to patch, and Kueue's own reason in the message.
+    waiting = life.decide(
+        tj(**queued),
+        [queued_job(1, suspend=True)],
+        [],
+        None,
+        NOW,
+        workload=workload(conditions=[("QuotaReserved", "False", {"message": "insufficient unused quota for cpu"})]),
+    )
+    assert waiting.patch == []
+    assert waiting.status["phase"] == "Pending"
+    ready = cond(waiting.status, "Ready")
+    assert ready["reason"] == "WaitingForQuota"
+    assert "queue gpus: insufficient unused quota for cpu" in ready["message"]
+    assert waiting.requeue_after == life.QUEUE_POLL_SECONDS  # Kueue's words change on the Workload: look again
+    silent = life.decide(tj(**queued), [queued_job(1, suspend=True)], [], None, NOW, workload=workload())
+    assert silent.requeue_after == 2.0  # Kueue has not said why yet
+    # Suspended before Kueue made the Workload: look again in a moment, so it is deactivated before admission.
+    early = life.decide(tj(suspend=True, **queued), [queued_job(1, suspend=True)], [], None, NOW)
+    assert early.status["phase"] == "Suspended"
+    assert early.requeue_after == 1.0
+    # Another Job's Workload (the attempt before) is not this attempt's.
+    stale = life.decide(tj(suspend=True, **queued), [queued_job(1)], [], None, NOW, workload=workload(uid="other"))
+    assert stale.patched("Workload") == []
+
+
+def test_kueue_preemption_is_a_preemption_that_spends_no_budget_and_keeps_the_attempt():
+    queued = {"scheduling": {"queueName": "gpus"}}
+    evicted = workload(
+        evictions=[("Preempted", 1)],
+        conditions=[
+            (
+                "Evicted",
+                "True",
+                {
+                    "reason": "Preempted",
+                    "message": "Preempted to accommodate a workload (UID: u2) due to prioritization",
+                    "lastTransitionTime": T(NOW - 30),
+                },
+            )
+        ],
+    )
+    body = tj(status={"phase": "Running", "attempt": 1, "preemptions": 0}, **queued)
+    # The trainer checkpointed on SIGTERM and exited non-zero: stopped by the suspension, not failed.
+    stopped = pod(1, 0, "Failed", terminated={"exitCode": 143, "reason": "Error"})
+    plan = life.decide(body, [queued_job(1, suspend=True)], [stopped], None, NOW, workload=evicted)
+    assert plan.create == []  # the same Job resumes when Kueue admits it again
+    assert plan.delete == []
+    assert plan.patch == []  # and Kiln leaves its suspend to Kueue
+    st = plan.status
+    assert st["attempt"] == 1
+    assert st["preemptions"] == 1
+    assert st["restarts"] == {"infrastructure": 0, "user": 0}
+    assert st["failure"]["class"] == "Preemption"
+    assert st["failure"]["reason"] == "Preempted"
+    assert st["failure"]["time"] == T(NOW - 30)  # Kueue's time: the same on every pass
+    assert st["phase"] == "Pending"
+    assert cond(st, "Ready")["reason"] == "Preempted"
+    assert [(t, r) for t, r, _ in plan.events] == [("Warning", "Preempted")]
+    # Admitted again and running: still one preemption (Kueue's count), no new event.
+    again = tj(status={**st, "phase": "Pending"}, **queued)
+    readmitted = workload(evictions=[("Preempted", 1)], conditions=[("Evicted", "False", {"reason": "Admitted"})])
+    plan = life.decide(again, [queued_job(1)], [pod(1, 0, "Running")], None, NOW, workload=readmitted)
+    assert plan.status["phase"] == "Running"
+    assert plan.status["preemptions"] == 1
+    assert plan.events == [("Normal", "Running", "attempt 1: 1 pod(s) running")]
+    # A later replacement carries Kueue's count on in the ledger of the next attempt.
+    failed = queued_job(1, conditions=[("Failed", {"reason": "BackoffLimitExceeded"})])
+    crashed = pod(1, 0, "Failed", terminated={"exitCode": 1, "reason": "Error"})
+    plan = life.decide(again, [failed], [crashed], None, NOW, workload=readmitted)
+    (nxt,) = [o for o in plan.create if o["kind"] == "Job"]
+    assert life.Ledger.load(nxt["metadata"]["annotations"][labels.LEDGER]).preemptions == 1
+    assert plan.status["preemptions"] == 1
 
 
 def test_a_finished_job_cleans_up_its_children_after_the_ttl_and_itself_after_its_own():

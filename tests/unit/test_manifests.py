@@ -40,6 +40,7 @@ NAMESPACED_GRANTS = (
     | {("", "serviceaccounts", verb) for verb in ("create", "patch", "delete")}
     | {("rbac.authorization.k8s.io", "rolebindings", verb) for verb in ("create", "patch", "delete")}
     | {("rbac.authorization.k8s.io", "clusterroles", "bind")}
+    | {("kueue.x-k8s.io", "workloads", "list"), ("kueue.x-k8s.io", "workloads", "patch")}
 )
 CLUSTER_SCOPED_GRANTS = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),

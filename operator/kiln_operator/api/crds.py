@@ -1,4 +1,7 @@
-"""Generates crds/ from the schemas in this package: `python -m kiln_operator.api.crds [--check] [DIR]`."""
+"""Generates crds/ from the schemas in this package: `python -m kiln_operator.api.crds [--check] [DIR...]`.
+
+Without DIR it writes (or checks) both copies: crds/, which `kubectl apply -f crds/` installs, and charts/kiln/crds/,
+where Helm looks for a chart's CRDs; one command keeps the two identical."""
 
 import argparse
 import sys
@@ -12,6 +15,9 @@ from kiln_operator.api import modelcompression, modeldeployment, trainingjob
 from kiln_operator.api.schema import rule
 from kiln_operator.resources import GROUP, MODEL_COMPRESSION, MODEL_DEPLOYMENT, TRAINING_JOB, VERSION, Kind
 
+# Where the CRDs go, relative to the repository root: the kubectl install's and the Helm chart's (Helm installs a
+# chart's crds/ before its templates).
+DEFAULT_DIRS = (Path("crds"), Path("charts/kiln/crds"))
 # Child objects (Jobs, Services, Deployments, pod host names) derive their names from ours plus a suffix.
 MAX_NAME = 48
 KINDS: list[tuple[Kind, str, ModuleType, str]] = [
@@ -105,17 +111,22 @@ def render() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("dir", nargs="?", default="crds", type=Path)
-    p.add_argument("--check", action="store_true", help="exit 1 if DIR is not what would be generated")
+    p.add_argument("dir", nargs="*", type=Path, help=f"default: {' and '.join(map(str, DEFAULT_DIRS))}")
+    p.add_argument("--check", action="store_true", help="exit 1 if a DIR is not what would be generated")
     a = p.parse_args(argv)
     stale = []
-    for name, text in render().items():
-        path = a.dir / name
+    rendered = render()
+    for d in a.dir or DEFAULT_DIRS:
         if a.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(str(path))
-        else:
-            path.write_text(text)
+            stale += [
+                str(d / n) for n, text in rendered.items() if not (d / n).is_file() or (d / n).read_text() != text
+            ]
+            # A file of a kind no longer generated would still be installed from there.
+            stale += [str(f) for f in sorted(d.glob("*.yaml")) if f.name not in rendered]
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in rendered.items():
+            (d / name).write_text(text)
     if stale:
         print("out of date (run python -m kiln_operator.api.crds):", *stale, file=sys.stderr)
         return 1

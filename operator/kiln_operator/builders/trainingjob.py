@@ -278,8 +278,6 @@ def indexed_job(
     if queue:
         job_labels[labels.QUEUE] = queue
     job_annotations = dict(annotations or {})
-    if spec.get("suspend"):
-        job_annotations[labels.SUSPENDED_BY_KILN] = "true"
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -22,8 +22,10 @@ from kiln_operator import labels
 from kiln_operator.builders import trainingjob as b
 from kiln_operator.config import Config
 from kiln_operator.controller import JobOwner, Key, trim
-from kiln_operator.kube import Client
+from kiln_operator.kube import ApiError, Client
 from kiln_operator.lifecycle import trainingjob as life
+from kiln_operator.lifecycle.plan import KUEUE_API
+from kiln_operator.lifecycle.pods import attempt_of
 from kiln_operator.resources import TRAINING_JOB
 
 log = logging.getLogger("kiln.trainingjob")
@@ -52,7 +54,28 @@ class TrainingJobs(JobOwner):
 
     async def plan(self, key: Key, body: dict[str, Any], jobs: list[dict[str, Any]], pods: list[Any]) -> life.Plan:
         progress = await self._progress(key, body, pods)
-        return life.decide(body, jobs, pods, progress, time.time(), self.life)
+        workload = await self._workload(key, body, jobs)
+        return life.decide(body, jobs, pods, progress, time.time(), self.life, workload)
+
+    async def _workload(self, key: Key, tj: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The Kueue Workload of the newest attempt's Job, for a TrainingJob that names a queue: read, not
+        watched (Kueue's changes that matter also change the Job, whose event brings the pass). None without
+        Kueue: the Job then waits, suspended, as it says."""
+        if not ((tj.get("spec") or {}).get("scheduling") or {}).get("queueName") or not jobs:
+            return None
+        uid = max(jobs, key=attempt_of)["metadata"].get("uid")
+        if not uid:
+            return None
+        url, plural = self.client.path(KUEUE_API, "Workload", key[0])
+        try:
+            found = await self.client.get(f"{url}?labelSelector={labels.KUEUE_JOB_UID}%3D{uid}", plural)
+        except ApiError as e:
+            if e.status in (403, 404):  # no Kueue here, or not allowed to read it: as if none yet
+                log.debug("workloads of %s/%s unreadable: %s", *key, e)
+                return None
+            raise
+        items = found.get("items") or []
+        return trim_workload(items[0]) if items else None
 
     async def _progress(self, key: Key, tj: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         """The trainer's latest progress, read at most every progress_poll_seconds: from progress.json next to
@@ -94,6 +117,16 @@ class TrainingJobs(JobOwner):
         if parsed.scheme == "pvc":
             return (Path(self.config.pvc_root) / parsed.authority).is_dir()
         return parsed.scheme in ("file", "s3")
+
+
+def trim_workload(wl: dict[str, Any]) -> dict[str, Any]:
+    """What the state machine reads of a Workload: whose it is, whether it is active, its conditions and Kueue's
+    eviction counts."""
+    out = trim(wl)
+    out["spec"] = {"active": (wl.get("spec") or {}).get("active", True)}
+    st = wl.get("status") or {}
+    out["status"] = {"conditions": st.get("conditions") or [], "schedulingStats": st.get("schedulingStats") or {}}
+    return out
 
 
 def _read_progress_file(uri: str) -> dict[str, Any] | None:

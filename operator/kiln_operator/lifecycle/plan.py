@@ -10,6 +10,7 @@ from typing import Any
 
 Obj = dict[str, Any]
 Ref = tuple[str, str, str]  # (apiVersion, kind, name) of a child
+KUEUE_API = "kueue.x-k8s.io/v1beta2"
 
 
 def job(name: str) -> Ref:
@@ -18,6 +19,11 @@ def job(name: str) -> Ref:
 
 def service(name: str) -> Ref:
     return ("v1", "Service", name)
+
+
+def workload_ref(name: str) -> Ref:
+    """A Kueue Workload: not Kiln's child (Kueue makes one per queued Job), but Kiln patches spec.active."""
+    return (KUEUE_API, "Workload", name)
 
 
 @dataclass

@@ -18,12 +18,13 @@ from typing import Any
 
 from kiln_operator import labels
 from kiln_operator.builders import trainingjob as b
-from kiln_operator.lifecycle.plan import Plan, job, service
+from kiln_operator.lifecycle.plan import Plan, job, service, workload_ref
 from kiln_operator.lifecycle.pods import (
     Failure,
     attempt_of,
     classify,
     completion_index,
+    condition,
     condition_true,
     deleting,
     pending_reason,
@@ -37,6 +38,9 @@ Obj = dict[str, Any]
 TERMINAL = ("Succeeded", "Failed")
 USER_CLASSES = ("UserError", "OutOfMemory", "Unknown")
 DEFAULT_CHILD_TTL = 3600
+# Evictions Kueue makes because it was asked to (spec.suspend deactivates the Workload), not preemptions.
+KUEUE_OWN_EVICTIONS = ("Deactivated", "InactiveWorkload")
+QUEUE_POLL_SECONDS = 30.0  # how stale the reason a queued job waits may get (one list of Workloads per look)
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,22 @@ def build_attempt(tj: Mapping[str, Any], attempt: int, ledger: Ledger, config: C
     )
 
 
+def kueue_workload(workload: Mapping[str, Any] | None, current: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The Kueue Workload of this attempt's Job, or None (not queued, not created yet, or another Job's)."""
+    uid = (current.get("metadata") or {}).get("uid")
+    if not workload or not uid:
+        return None
+    return workload if ((workload.get("metadata") or {}).get("labels") or {}).get(labels.KUEUE_JOB_UID) == uid else None
+
+
+def kueue_evictions(workload: Mapping[str, Any] | None) -> int:
+    """How often Kueue took this Job's quota back (preemption, a stopped queue, node failures, ...): Kueue's own
+    count, kept on the Workload, so nothing is counted twice however often a pass runs. Deactivation is left out:
+    that is Kiln asking Kueue to suspend (spec.suspend), not something done to the job."""
+    evictions = (((workload or {}).get("status") or {}).get("schedulingStats") or {}).get("evictions") or []
+    return sum(int(e.get("count") or 0) for e in evictions if e.get("reason") not in KUEUE_OWN_EVICTIONS)
+
+
 def decide(
     tj: Mapping[str, Any],
     jobs: Sequence[Mapping[str, Any]],
@@ -145,9 +165,11 @@ def decide(
     progress: Mapping[str, Any] | None,
     now: float,
     config: Config = Config(),
+    workload: Mapping[str, Any] | None = None,
 ) -> Plan:
     """One reconcile pass. ``jobs`` are this TrainingJob's Jobs (all attempts), ``pods`` its pods (any attempt),
-    ``progress`` the trainer's latest progress report (or None)."""
+    ``progress`` the trainer's latest progress report (or None), ``workload`` the Kueue Workload of the current
+    attempt's Job when the TrainingJob names a queue (or None)."""
     meta, spec = tj["metadata"], tj.get("spec") or {}
     old: Obj = dict(tj.get("status") or {})
     policy = spec.get("runPolicy") or {}
@@ -175,7 +197,12 @@ def decide(
         plan.create = [*_service(tj), current]
 
     attempt = attempt_of(current)
+    queue = (spec.get("scheduling") or {}).get("queueName")
+    wl = kueue_workload(workload, current) if queue else None
+    # Kueue's evictions of this attempt count as preemptions: no budget, and the same Job resumes when Kueue
+    # admits it again (the trainer picks up its latest checkpoint). A later replacement carries them on.
     ledger = _ledger(current)
+    ledger = replace(ledger, preemptions=ledger.preemptions + kueue_evictions(wl))
     mine = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(labels.ATTEMPT) == str(attempt)]
     status.update(
         attempt=attempt,
@@ -201,7 +228,6 @@ def decide(
         status["failure"] = ledger.previous
     nodes = int(spec.get("nodes") or 1)
     job_suspended = bool((current.get("spec") or {}).get("suspend"))
-    by_kiln = ((current.get("metadata") or {}).get("annotations") or {}).get(labels.SUSPENDED_BY_KILN) == "true"
 
     # ---- terminal outcomes of this attempt
     if condition_true(current, "Complete") or counts["succeeded"] >= nodes:
@@ -227,17 +253,28 @@ def decide(
         plan.requeue_after = _ttl_delay(spec, now, now)
         return plan
 
-    attempt_failed = condition_true(current, "Failed") or counts["failed"] > 0
+    # A suspended Job's pods were stopped by the suspension (spec.suspend, or Kueue's eviction), and the trainer
+    # exits non-zero after its SIGTERM checkpoint: that is not the attempt failing; the same Job resumes.
+    attempt_failed = condition_true(current, "Failed") or (counts["failed"] > 0 and not job_suspended)
     if attempt_failed:
         failure = classify(current, mine, container=b.CONTAINER, oom_hint=oom_hint(spec))
         return _replace(tj, plan, attempt, ledger, failure, current, mine, now, config)
 
-    # ---- suspend: mirror spec.suspend; unsuspend only what we suspended (Kueue owns its own suspension)
-    queue = (spec.get("scheduling") or {}).get("queueName")
-    if spec.get("suspend") and not job_suspended:
+    # ---- suspend. Without a queue, Kiln mirrors spec.suspend onto the Job.
+    # With one, Kueue owns the Job's suspend (it unsuspends whatever it admitted): Kiln asks Kueue instead, by
+    # deactivating the Workload, which Kueue answers by evicting it and suspending the Job.
+    if queue:
+        want_active = not spec.get("suspend")
+        if wl is not None and bool((wl.get("spec") or {}).get("active", True)) != want_active:
+            plan.patch.append((workload_ref(wl["metadata"]["name"]), {"spec": {"active": want_active}}))
+    elif spec.get("suspend") and not job_suspended:
         plan.patch.append((job(current["metadata"]["name"]), _suspend_patch(True)))
-    elif not spec.get("suspend") and job_suspended and (by_kiln or not queue):
+    elif not spec.get("suspend") and job_suspended:
         plan.patch.append((job(current["metadata"]["name"]), _suspend_patch(False)))
+    if ledger.preemptions > int(old.get("preemptions") or 0) and wl is not None:
+        evicted = condition(wl, "Evicted") or {}
+        message = f"Kueue evicted the Job ({evicted.get('reason') or 'Preempted'}: {evicted.get('message') or ''})"
+        plan.events.append(("Warning", "Preempted", message[:1024]))
 
     started = parse_time(ledger.started_at) or parse_time(old.get("startTime"))
     active = policy.get("activeDeadlineSeconds")
@@ -249,9 +286,16 @@ def decide(
         status["pods"] = counts
         if spec.get("suspend"):
             _set_conditions(plan, old, "Suspended", "Suspended", "spec.suspend is true", None, now)
+            if queue and wl is None:
+                plan.requeue_after = 1.0  # Kueue makes the Workload in a moment: deactivate it before it is admitted
+        elif queue:
+            reason, why = _queued(queue, wl, status)
+            _set_conditions(plan, old, "Pending", reason, why, None, now)
+            # Kueue's verdict changes the Workload, not the Job, so no event brings it here: look again, soon
+            # while Kueue has not said anything yet, then now and then while the job waits.
+            plan.requeue_after = QUEUE_POLL_SECONDS if condition(wl or {}, "QuotaReserved") else 2.0
         else:
-            why = f"waiting for Kueue to admit the Job from queue {queue}" if queue else "the Job is suspended"
-            _set_conditions(plan, old, "Pending", "WaitingForQuota" if queue else "JobSuspended", why, None, now)
+            _set_conditions(plan, old, "Pending", "JobSuspended", "the Job is suspended", None, now)
         return plan
 
     ran_all = counts["running"] + counts["succeeded"] >= nodes and len(mine) >= nodes
@@ -303,6 +347,25 @@ def decide(
     return plan
 
 
+def _queued(queue: str, wl: Mapping[str, Any] | None, status: Obj) -> tuple[str, str]:
+    """Reason and message of a Job Kueue holds: evicted (status.failure says so: a preemption, no budget), or
+    waiting for quota, with Kueue's own words on why when the Workload has them."""
+    evicted = condition(wl or {}, "Evicted") or {}
+    if evicted.get("status") == "True":
+        message = (
+            f"Kueue evicted the Job ({evicted.get('reason')}: {evicted.get('message') or ''}); it resumes from its "
+            f"latest checkpoint when queue {queue} admits it again"
+        )
+        when = parse_time(evicted.get("lastTransitionTime"))
+        why = "Preempted" if evicted.get("reason") == "Preempted" else "EvictedByKueue"
+        failure = Failure("Preemption", why, message)
+        status["failure"] = failure.to_status(when if when is not None else 0.0)
+        return failure.reason, message
+    reserved = condition(wl or {}, "QuotaReserved") or {}
+    detail = f": {reserved['message']}" if reserved.get("status") == "False" and reserved.get("message") else ""
+    return "WaitingForQuota", f"waiting for Kueue to admit the Job from queue {queue}{detail}"
+
+
 def _service(tj: Mapping[str, Any]) -> list[Obj]:
     """The headless Service gives ranks each other's DNS names; one node needs none (MASTER_ADDR is localhost)."""
     return [b.headless_service(tj)] if int((tj.get("spec") or {}).get("nodes") or 1) > 1 else []
@@ -316,10 +379,7 @@ def _reason(status: Mapping[str, Any]) -> str | None:
 
 
 def _suspend_patch(value: bool) -> Obj:
-    return {
-        "metadata": {"annotations": {labels.SUSPENDED_BY_KILN: "true" if value else None}},
-        "spec": {"suspend": value},
-    }
+    return {"spec": {"suspend": value}}
 
 
 def _ledger_from_status(status: Mapping[str, Any]) -> Ledger:
