@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +185,10 @@ def workload_condition(wl: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     return next((c for c in ((wl or {}).get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
 
 
+def workload_finished(kueue: Kueue, ns: str, job: dict[str, Any]) -> Callable[[], bool]:
+    return lambda: workload_condition(workload_of(kueue, ns, job), "Finished").get("status") == "True"
+
+
 def finished(cluster: Cluster, ns: str, name: str, timeout: float) -> dict[str, Any]:
     st = wait_for(
         lambda: (s := status(cluster, ns, name)).get("phase") in ("Succeeded", "Failed") and s,
@@ -237,12 +241,8 @@ def test_trainingjobs_beyond_quota_wait_then_run_one_after_the_other_on_the_real
         assert st["preemptions"] == 0
         assert st["restarts"] == {"infrastructure": 0, "user": 0}
         assert ka.load(st["artifact"]["uri"]).digest == st["artifact"]["digest"]
-        assert (
-            workload_condition(workload_of(kueue, q.namespace, the_job(cluster, q.namespace, name)), "Finished")[
-                "status"
-            ]
-            == "True"
-        )
+        # Kueue marks the Workload finished, and so releases its quota, once it sees the Job complete.
+        wait_for(workload_finished(kueue, q.namespace, the_job(cluster, q.namespace, name)), what=f"{name} finished")
 
 
 def test_kueue_preempting_a_lower_priority_trainingjob_is_a_preemption_resumed_from_its_checkpoint(
