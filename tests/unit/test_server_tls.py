@@ -77,6 +77,19 @@ def install(folder: Path, leaf: Leaf, key: bytes | None = None) -> None:
     write_secret_volume(folder, {"tls.crt": leaf.cert_pem, "tls.key": key if key is not None else leaf.key_pem})
 
 
+def tls_server(tmp_path: Path, root: str, secret: Path) -> ServerProcess:
+    """The digits model served over TLS with the key pair in `secret` (laid out as a kubernetes.io/tls volume)."""
+    return ServerProcess(
+        tmp_path,
+        image_artifact(root)[0],
+        "--tls-cert-file",
+        str(secret / "tls.crt"),
+        "--tls-key-file",
+        str(secret / "tls.key"),
+        name="digits",
+    )
+
+
 @pytest.fixture
 def onnx_logits(root: str) -> np.ndarray:
     so = ort.SessionOptions()
@@ -93,15 +106,7 @@ def test_tls_serves_rest_and_grpc_and_picks_up_a_renewed_certificate(
     secret = tmp_path / "tls"
     first = make_leaf(ca1, days=7)
     install(secret, first)
-    server = ServerProcess(
-        tmp_path,
-        image_artifact(root)[0],
-        "--tls-cert-file",
-        str(secret / "tls.crt"),
-        "--tls-key-file",
-        str(secret / "tls.key"),
-        name="digits",
-    )
+    server = tls_server(tmp_path, root, secret)
     server.client_ssl = client_context(ca1_file)
     server.start()
     try:
@@ -212,15 +217,7 @@ def test_probes_without_verification_and_without_a_server_name(tmp_path: Path, r
     ca = make_ca("kiln-probe-ca")
     secret = tmp_path / "tls"
     install(secret, make_leaf(ca))
-    server = ServerProcess(
-        tmp_path,
-        image_artifact(root)[0],
-        "--tls-cert-file",
-        str(secret / "tls.crt"),
-        "--tls-key-file",
-        str(secret / "tls.key"),
-        name="digits",
-    )
+    server = tls_server(tmp_path, root, secret)
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     probe.check_hostname = False
     probe.verify_mode = ssl.CERT_NONE
