@@ -368,6 +368,26 @@ def test_a_queued_job_is_never_suspended_or_resumed_by_kiln_but_through_its_work
     assert stale.patched("Workload") == []
 
 
+def test_a_queued_job_that_starts_suspended_gets_no_job_until_resumed():
+    # Kueue would admit a Job the moment its Workload exists, before Kiln could deactivate it: no Job at all.
+    queued = {"scheduling": {"queueName": "gpus"}}
+    parked = life.decide(tj(suspend=True, **queued), [], [], None, NOW)
+    assert parked.create == []
+    assert parked.status["phase"] == "Suspended"
+    assert parked.status["attempt"] == 0
+    assert cond(parked.status, "Ready")["reason"] == "Suspended"
+    assert "created, and queued, when it is resumed" in cond(parked.status, "Ready")["message"]
+    resumed = life.decide(tj(status=parked.status, **queued), [], [], None, NOW)
+    (created,) = [o for o in resumed.create if o["kind"] == "Job"]
+    assert created["spec"]["suspend"] is True  # for Kueue to admit
+    assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    assert resumed.status["attempt"] == 1
+    # Without a queue Kiln owns the Job's suspend: the Job is created, suspended.
+    plain = life.decide(tj(suspend=True), [], [], None, NOW)
+    (job,) = [o for o in plain.create if o["kind"] == "Job"]
+    assert job["spec"]["suspend"] is True
+
+
 def test_kueue_preemption_is_a_preemption_that_spends_no_budget_and_keeps_the_attempt():
     queued = {"scheduling": {"queueName": "gpus"}}
     evicted = workload(

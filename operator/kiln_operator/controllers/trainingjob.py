@@ -1,5 +1,6 @@
 """TrainingJob controller: each pass runs the pure state machine (lifecycle.trainingjob.decide) on the cached
-TrainingJob, its Jobs and pods, and the trainer's latest progress, which is the one thing it reads itself.
+TrainingJob, its Jobs and pods, the trainer's latest progress and, for a queued job, its Kueue Workload: the two
+things it reads itself.
 
 Level-based: every event of a TrainingJob, of its Jobs or of its pods asks for a pass of that TrainingJob; the
 pass looks only at the current state. Deletion is owner-reference garbage collection.
@@ -40,6 +41,8 @@ class TrainingJobs(JobOwner):
         super().__init__(client, config)
         self.life = config.trainingjob()
         self.progress: dict[Key, tuple[float, dict[str, Any] | None]] = {}
+        # The last Workload read, with what it was read for: (Job uid, Job resourceVersion, spec.suspend).
+        self.workloads: dict[Key, tuple[tuple[str, str, bool], dict[str, Any] | None]] = {}
 
     @classmethod
     def trim_pod(cls, body: kopf.Body) -> dict[str, Any]:
@@ -51,6 +54,7 @@ class TrainingJobs(JobOwner):
     def forget(self, key: Key) -> None:
         super().forget(key)
         self.progress.pop(key, None)
+        self.workloads.pop(key, None)
 
     async def plan(self, key: Key, body: dict[str, Any], jobs: list[dict[str, Any]], pods: list[Any]) -> life.Plan:
         progress = await self._progress(key, body, pods)
@@ -59,23 +63,35 @@ class TrainingJobs(JobOwner):
 
     async def _workload(self, key: Key, tj: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
         """The Kueue Workload of the newest attempt's Job, for a TrainingJob that names a queue: read, not
-        watched (Kueue's changes that matter also change the Job, whose event brings the pass). None without
-        Kueue: the Job then waits, suspended, as it says."""
-        if not ((tj.get("spec") or {}).get("scheduling") or {}).get("queueName") or not jobs:
+        watched. None without Kueue: the Job then waits, suspended, as it says.
+
+        While the Job waits (suspended) every pass reads it: Kueue's verdict changes the Workload only. Once
+        admitted, what matters of it changes with the Job (Kueue suspends what it evicts), so the last read
+        serves until the Job or spec.suspend changes: a running job's progress passes cost no request."""
+        spec = tj.get("spec") or {}
+        if not (spec.get("scheduling") or {}).get("queueName") or not jobs:
             return None
-        uid = max(jobs, key=attempt_of)["metadata"].get("uid")
+        newest = max(jobs, key=attempt_of)
+        uid = newest["metadata"].get("uid")
         if not uid:
             return None
+        stamp = (uid, str(newest["metadata"].get("resourceVersion")), bool(spec.get("suspend")))
+        cached = self.workloads.get(key)
+        if cached and cached[0] == stamp and not (newest.get("spec") or {}).get("suspend"):
+            return cached[1]
         url, plural = self.client.path(KUEUE_API, "Workload", key[0])
+        value: dict[str, Any] | None = None
         try:
             found = await self.client.get(f"{url}?labelSelector={labels.KUEUE_JOB_UID}%3D{uid}", plural)
         except ApiError as e:
-            if e.status in (403, 404):  # no Kueue here, or not allowed to read it: as if none yet
-                log.debug("workloads of %s/%s unreadable: %s", *key, e)
-                return None
-            raise
-        items = found.get("items") or []
-        return trim_workload(items[0]) if items else None
+            if e.status not in (403, 404):
+                raise
+            log.debug("workloads of %s/%s unreadable: %s", *key, e)  # no Kueue, or not allowed: as if none yet
+        else:
+            items = found.get("items") or []
+            value = trim_workload(items[0]) if items else None
+        self.workloads[key] = (stamp, value)
+        return value
 
     async def _progress(self, key: Key, tj: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         """The trainer's latest progress, read at most every progress_poll_seconds: from progress.json next to

@@ -191,6 +191,13 @@ def decide(
             prior = _ledger_from_status(old)
             failure = Failure("Infrastructure", "JobDeleted", f"the Job of attempt {attempt} disappeared")
             return _replace(tj, plan, attempt, prior, failure, None, [], now, config)
+        if spec.get("suspend") and (spec.get("scheduling") or {}).get("queueName"):
+            # Kueue admits a Job as soon as its Workload exists, before Kiln could deactivate that Workload: a
+            # queued job that starts suspended gets its first Job when it is resumed.
+            status.update(attempt=0, pods={"pending": 0, "running": 0, "succeeded": 0, "failed": 0})
+            why = "spec.suspend is true: the Job is created, and queued, when it is resumed"
+            _set_conditions(plan, old, "Suspended", "Suspended", why, None, now)
+            return plan
         # The status says what is true once the first Job exists (suspended, or waiting for its pods): one status
         # write for a new TrainingJob instead of "creating" then the same again when the Job's event comes back.
         current = build_attempt(tj, 1, ledger, config)
@@ -287,7 +294,7 @@ def decide(
         if spec.get("suspend"):
             _set_conditions(plan, old, "Suspended", "Suspended", "spec.suspend is true", None, now)
             if queue and wl is None:
-                plan.requeue_after = 1.0  # Kueue makes the Workload in a moment: deactivate it before it is admitted
+                plan.requeue_after = 1.0  # Kueue makes the Workload in a moment: deactivate it then
         elif queue:
             reason, why = _queued(queue, wl, status)
             _set_conditions(plan, old, "Pending", reason, why, None, now)
