@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds hack/kstatus (a small program that prints kstatus' reading of Kubernetes objects, as Flux computes it) from
+# Builds hack/kstatus (a small program that prints kstatus' reading of Kubernetes objects, as Flux computes it, or
+# Argo CD's through a Lua health check) from
 # the Go module proxy (nothing else is downloaded) into $KILN_BIN_DIR, outside the checkout. tests/unit/test_kstatus.py
 # runs it on the statuses the state machines write.
 # Version: KSTATUS_VERSION in hack/versions.env (sigs.k8s.io/cli-utils), which hack/kstatus/go.mod must require.

@@ -1,6 +1,8 @@
 """What GitOps tools read from the statuses the state machines write: kstatus itself (sigs.k8s.io/cli-utils, the
 library Flux computes health with; hack/kstatus, built by hack/build-kstatus.sh) reads every phase of the three
-kinds, each status written by the real ``decide`` of its kind and put on an object with ``metadata.generation``.
+kinds, each status written by the real ``decide`` of its kind and put on an object with ``metadata.generation``;
+so does Argo CD's Lua interpreter (gopher-lua, in the same program) running manifests/argocd/health.lua as Argo CD
+runs a health check from argocd-cm.
 
 Current: the object is what its spec asks for (Flux's health check passes). InProgress: it still converges (Flux
 waits). Failed: it cannot get there without a change to the spec or a new artifact (Flux reports it at once
@@ -32,6 +34,7 @@ from kiln_operator.status import rfc3339
 
 REPO = Path(__file__).resolve().parents[2]
 KSTATUS = bin_dir() / "kstatus"
+ARGOCD_HEALTH = REPO / "manifests/argocd/health.lua"
 NOW = 1_800_000_000.0
 Obj = dict[str, Any]
 
@@ -43,14 +46,16 @@ def pinned_version() -> str:
     raise AssertionError("hack/versions.env pins no KSTATUS_VERSION")
 
 
-def kstatus(*objects: Obj, as_list: bool = False) -> list[Obj]:
-    """kstatus' reading of each object: {"kind", "name", "status", "message"} (or "error")."""
+def kstatus(*objects: Obj, as_list: bool = False, argocd: bool = False) -> list[Obj]:
+    """kstatus' reading of each object: {"kind", "name", "status", "message"} (or "error"); with ``argocd``,
+    Argo CD's reading through Kiln's Lua health check instead."""
     if not KSTATUS.exists():
         if os.environ.get("CI"):
             pytest.fail(f"{KSTATUS} not built under CI: hack/test.sh runs hack/build-kstatus.sh")
         pytest.skip(f"{KSTATUS} is not built (hack/build-kstatus.sh)")
     text = json.dumps(list(objects)) if as_list else "".join(json.dumps(o) + "\n" for o in objects)
-    out = subprocess.run([str(KSTATUS)], input=text, capture_output=True, text=True, timeout=60, check=False)
+    args = [str(KSTATUS), f"--argocd-health={ARGOCD_HEALTH}"] if argocd else [str(KSTATUS)]
+    out = subprocess.run(args, input=text, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines()]
 
@@ -500,6 +505,59 @@ def test_kstatus_reads_each_phase_as_a_platform_user_expects(readings, kind, cas
     assert (cond(obj["status"], "Reconciling").get("status") == "True") == (expected == "InProgress"), summary
 
 
+# What Argo CD shows for each kstatus reading. Suspended: held as the spec asks (Argo CD's own reading of a
+# suspended Job or a paused Rollout); Degraded: Failed, which needs a change to the spec or a new artifact.
+ARGOCD = {"Current": "Healthy", "InProgress": "Progressing", "Failed": "Degraded"}
+HELD = {("TrainingJob", "Suspended"), ("ModelCompression", "AwaitingApproval")}
+
+
+@pytest.fixture(scope="module")
+def argocd_readings(readings) -> dict[tuple[str, str], Obj]:
+    objects = [readings[(k, c)][0] for k, c, _ in EXPECTED]
+    out = kstatus(*objects, argocd=True)
+    assert [(r["kind"], r["name"]) for r in out] == [(k, c) for k, c, _ in EXPECTED]
+    return {(k, c): r for (k, c, _), r in zip(EXPECTED, out, strict=True)}
+
+
+@pytest.mark.parametrize(("kind", "case", "expected"), EXPECTED, ids=[f"{k}:{c}" for k, c, _ in EXPECTED])
+def test_argo_cd_reads_each_phase_as_kstatus_does(argocd_readings, readings, kind, case, expected):
+    reading = argocd_readings[(kind, case)]
+    assert "error" not in reading, reading
+    assert reading["status"] == ("Suspended" if (kind, case) in HELD else ARGOCD[expected]), reading
+    # The message is the deciding condition's reason and words, as kstatus' is.
+    obj, _ = readings[(kind, case)]
+    deciding = {"Degraded": "Stalled", "Progressing": "Reconciling"}.get(reading["status"], "Ready")
+    c = cond(obj["status"], deciding)
+    assert reading["message"].startswith(c["reason"]), (reading, c)
+    assert c["message"][:200] in reading["message"]
+
+
+def test_argo_cd_waits_for_the_operator_to_observe_a_new_generation_and_a_first_status():
+    status, _ = md_case("Ready")
+    ahead = resource("ModelDeployment", "ahead", status, status["observedGeneration"] + 1)
+    fresh = {k: v for k, v in resource("TrainingJob", "new", {}, 1).items() if k != "status"}
+    bare = resource("ModelCompression", "bare", {"observedGeneration": 1}, 1)  # no conditions yet
+    readings = kstatus(ahead, fresh, bare, argocd=True)
+    assert [(r["status"], r.get("error")) for r in readings] == [("Progressing", None)] * 3, readings
+    assert readings[0]["message"] == "Waiting for the Kiln operator to observe generation 2"
+    assert readings[2]["message"] == "Waiting for the Kiln operator's Ready condition"
+
+
+def test_argo_cd_refuses_what_its_interpreter_refuses(tmp_path):
+    """The harness is as strict as Argo CD: a script using the string library (not opened for argocd-cm scripts)
+    fails, so the shipped check provably does without it."""
+    script = tmp_path / "uses-string.lua"
+    script.write_text('hs = {}\nhs.status = string.upper("healthy")\nreturn hs\n')
+    obj = build("TrainingJob", "Succeeded")
+    out = subprocess.run(
+        [str(KSTATUS), f"--argocd-health={script}"], input=json.dumps(obj), capture_output=True, text=True, timeout=60
+    )
+    if not KSTATUS.exists():
+        pytest.skip(f"{KSTATUS} is not built (hack/build-kstatus.sh)")
+    (reading,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert "string" in reading["error"], reading
+
+
 def test_a_permanent_serving_error_stalls_with_the_pods_reason_and_the_server_s_words(readings):
     for case, reason, words in [
         ("Degraded (only revision: ModelLoadFailed)", "ModelLoadFailed", "sha256 mismatch"),
@@ -572,5 +630,6 @@ def test_the_binary_is_built_from_the_pinned_cli_utils():
     kstatus()  # skips when not built
     out = subprocess.run([str(KSTATUS), "--version"], capture_output=True, text=True, timeout=60, check=True)
     assert f"sigs.k8s.io/cli-utils {pinned_version()} " in out.stdout, "rebuild it: hack/build-kstatus.sh"
+    assert "gopher-lua v1.1.2" in out.stdout  # the interpreter Argo CD embeds
     go_mod = (REPO / "hack/kstatus/go.mod").read_text()
     assert f"sigs.k8s.io/cli-utils {pinned_version()}\n" in go_mod

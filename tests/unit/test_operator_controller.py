@@ -1,4 +1,5 @@
-"""The controller base without a cluster: a fake API client records what a pass does with the plan."""
+"""The controller base without a cluster: a fake API client records what a pass does with the plan, and what a
+TrainingJob pass reads of Kueue."""
 
 import asyncio
 import copy
@@ -7,6 +8,9 @@ from typing import Any
 
 from kiln_operator.config import Config
 from kiln_operator.controller import ApplyOwner, JobOwner, Unseen, material, merge_patch
+from kiln_operator.controllers.trainingjob import TrainingJobs
+from kiln_operator.kube import Client
+from kiln_operator.labels import KUEUE_JOB_UID
 from kiln_operator.lifecycle.plan import Plan, job
 from kiln_operator.resources import MODEL_DEPLOYMENT, TRAINING_JOB
 
@@ -277,3 +281,53 @@ def test_the_status_patch_removes_what_went_away_at_every_depth():
     assert patch["monitoring"]["deep"] == {"x": None, "y": 3}
     assert apply_merge_patch(old, patch) == new
     assert apply_merge_patch({}, merge_patch({}, new)) == new
+
+
+class Kueue(FakeClient):
+    """Answers the Workload list of a queued TrainingJob, counting the requests."""
+
+    path = staticmethod(Client.path)
+
+    def __init__(self) -> None:
+        super().__init__(body())
+        self.lists: list[str] = []
+        self.active = True
+
+    async def get(self, path: str, resource: str) -> dict[str, Any]:
+        self.lists.append(path)
+        wl = {
+            "metadata": {"name": "job-run-1-x", "labels": {KUEUE_JOB_UID: "job-run-1"}},
+            "spec": {"active": self.active},
+        }
+        return {"items": [wl]}
+
+
+def test_a_queued_job_s_workload_is_read_while_it_waits_and_then_only_when_its_job_or_suspend_changes():
+    kueue = Kueue()
+    owner = TrainingJobs(kueue, Config())  # type: ignore[arg-type]
+    tj = {**body(), "spec": {"scheduling": {"queueName": "q"}}}
+
+    def read(job_rv: str, suspended: bool, tj: dict[str, Any] = tj) -> dict[str, Any] | None:
+        job = {**a_job("run-1", rv=job_rv, labels={"kiln.dev/attempt": "1"}), "spec": {"suspend": suspended}}
+        return run(owner._workload(KEY, tj, [job]))
+
+    # Waiting: Kueue's verdict changes only the Workload, so every pass reads it.
+    read("100", True)
+    read("100", True)
+    assert len(kueue.lists) == 2
+    assert kueue.lists[0].endswith(f"/workloads?labelSelector={KUEUE_JOB_UID}%3Djob-run-1")
+    # Admitted (Kueue unsuspended the Job): the first pass reads, later passes on the same Job do not.
+    assert read("101", False)["spec"] == {"active": True}
+    kueue.active = False
+    assert read("101", False)["spec"] == {"active": True}
+    assert read("101", False)["spec"] == {"active": True}
+    assert len(kueue.lists) == 3
+    # The Job changed (Kueue evicts by suspending it), or spec.suspend did: read again.
+    assert read("102", False)["spec"] == {"active": False}
+    suspend = {**tj, "spec": {**tj["spec"], "suspend": True}}
+    read("102", False, suspend)
+    assert len(kueue.lists) == 5
+    # A deleted TrainingJob's read goes with it.
+    owner.forget(KEY)
+    read("102", False, suspend)
+    assert len(kueue.lists) == 6
