@@ -331,3 +331,27 @@ def test_gpu_quota_holds_a_job_and_suspend_goes_through_the_workload(cluster: Cl
         owners = [f["manager"] for f in fields["managedFields"] if '"f:suspend"' in json.dumps(f.get("fieldsV1"))]
         assert owners, fields["managedFields"]
         assert "kiln-operator" not in owners, owners
+        # A queued job created suspended gets no Job, so Kueue has nothing to admit before it is resumed; once
+        # resumed, its Job queues (gpu-a holds the quota again).
+        parked = {**simulated(q, "gpu-c", run_for="1s")}
+        parked["spec"] = {**parked["spec"], "suspend": True}
+        apply(cluster, q.namespace, parked)
+        st = wait_for(
+            lambda: (s := status(cluster, q.namespace, "gpu-c")).get("phase") == "Suspended" and s,
+            what="gpu-c suspended",
+        )
+        assert st["attempt"] == 0
+        assert cluster.get("jobs", "-n", q.namespace, "-l", "kiln.dev/trainingjob=gpu-c")["items"] == []
+        assert "created, and queued, when it is resumed" in ready(st)["message"]
+        suspend(cluster, q.namespace, "gpu-c", False)
+        wait_for(
+            lambda: (
+                "insufficient unused quota for nvidia.com/gpu"
+                in ready(status(cluster, q.namespace, "gpu-c")).get("message", "")
+            ),
+            what="gpu-c queued after its resume",
+            timeout=30,
+        )
+        parked_job = the_job(cluster, q.namespace, "gpu-c")
+        assert parked_job["spec"]["suspend"] is True
+        assert workload_of(kueue, q.namespace, parked_job)["spec"]["active"] is True
