@@ -45,8 +45,8 @@ func main() {
 	argocd := flag.String("argocd-health", "", "read health with this Argo CD Lua health check instead of kstatus")
 	flag.Parse()
 	if *version {
-		fmt.Printf("kstatus sigs.k8s.io/cli-utils %s (source %s)\n", depVersion("sigs.k8s.io/cli-utils"), source)
-		fmt.Printf("gopher-lua %s\n", depVersion("github.com/yuin/gopher-lua"))
+		fmt.Printf("kstatus sigs.k8s.io/cli-utils %s (source %s), gopher-lua %s\n",
+			depVersion("sigs.k8s.io/cli-utils"), source, depVersion("github.com/yuin/gopher-lua"))
 		return
 	}
 	read := compute
