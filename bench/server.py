@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.server --peers none       # raw ORT + Kiln only
     .venv/bin/python -m bench.server --peer-layout single  # peers in one worker of 2 threads (not like for like)
     .venv/bin/python -m bench.server --monitoring       # Kiln with monitoring off vs on (+ payload log at 10 %)
+    .venv/bin/python -m bench.server --arenas 2         # that "on" server: glibc's default arenas vs MALLOC_ARENA_MAX=2
 
 Run from the repository root: the model is made with the tests' own helpers (tests/support/server.py).
 
@@ -545,13 +546,19 @@ def peer_layout(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def kiln_server(
-    work: Path, uri: str, args: argparse.Namespace, name: str = "kiln", extra: tuple[str, ...] = ()
+    work: Path,
+    uri: str,
+    args: argparse.Namespace,
+    name: str = "kiln",
+    extra: tuple[str, ...] = (),
+    env_extra: dict[str, str] | None = None,
 ) -> Server:
     port, gport, mport = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        **(env_extra or {}),
     }
     cmd = [PY, "-m", "kiln_server", "--model-uri", uri, "--model-name", "minilm", "--host", "127.0.0.1",
            "--port", str(port), "--grpc-port", str(gport), "--metrics-port", str(mport),
@@ -657,10 +664,23 @@ def main() -> int:
         "after a short and a long run, detection delay of a shifted stream)",
     )
     p.add_argument("--monitoring-concurrency", default="32,128", help="--monitoring: closed-loop clients per level")
-    p.add_argument("--soak-seconds", type=float, default=120.0, help="--monitoring: the long run, at saturation")
+    p.add_argument(
+        "--soak-seconds", type=float, default=120.0, help="--monitoring, --arenas: the long run, at saturation"
+    )
+    p.add_argument(
+        "--arenas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead of the comparison with peers: two servers with monitoring on and the payload log at 10 %%, "
+        "one with glibc's default malloc arenas and one with MALLOC_ARENA_MAX=N, side by side at saturation for "
+        "--soak-seconds (throughput, CPU per request, RSS)",
+    )
     args = p.parse_args()
     if args.monitoring:
         return monitoring_main(args)
+    if args.arenas is not None:
+        return arenas_main(args)
     levels = [int(x) for x in args.concurrency.split(",")]
     peers = [] if args.peers == "none" else args.peers.split(",")
     started = time.monotonic()
@@ -906,6 +926,65 @@ def turn(work: Path, server: Server, clients: int, seconds: float, warmup: float
     return {**run, "cpu": cpu_seconds(server) - cpu, "answered": answered(server) - done}
 
 
+def cost(runs: list[dict[str, Any]]) -> float:
+    """CPU milliseconds per request answered, over the runs."""
+    return 1000 * sum(r["cpu"] for r in runs) / sum(r["answered"] for r in runs)
+
+
+def arenas_main(args: argparse.Namespace) -> int:
+    """A monitored server publishing its payload log (whose short-lived threads get malloc arenas of their own)
+    with glibc's default arenas and with MALLOC_ARENA_MAX, in alternating turns at saturation, in one run."""
+    from tests.support.server import text_artifact
+
+    started = time.monotonic()
+    clients = max(int(x) for x in args.monitoring_concurrency.split(","))
+    work = Path(args.work or tempfile.mkdtemp(prefix="kiln-bench-arenas-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "loadgen.py").write_text(LOADGEN)
+    log(f"work folder {work}; load average {loadavg()}; {os.cpu_count()} CPUs")
+    uri, _ = text_artifact(str(work / "artifacts"))
+    on = ("--monitoring", "on", "--payload-log-rate", "0.1", "--revision", "bench")
+    limited = f"MALLOC_ARENA_MAX={args.arenas}"
+    names = ("default", limited)
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    rss: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    with contextlib.ExitStack() as stack:
+        envs = ({}, {"MALLOC_ARENA_MAX": str(args.arenas)})
+        servers = {}
+        for i, (name, env) in enumerate(zip(names, envs, strict=True)):
+            extra = (*on, "--payload-log-uri", f"file://{work}/payloads-{i}")
+            servers[name] = stack.enter_context(kiln_server(work, uri, args, f"kiln-arenas-{i}", extra, env))
+        for name, server in servers.items():
+            rss[name].append((0.0, rss_mib(server)))
+        chunk, t0 = 15.0, time.monotonic()
+        for k in range(max(1, round(args.soak_seconds / chunk))):
+            for name in names if k % 2 == 0 else names[::-1]:
+                runs[name].append(turn(work, servers[name], clients, chunk, 1.0 if k == 0 else 0.0))
+                rss[name].append((time.monotonic() - t0, rss_mib(servers[name])))
+            log(f"{time.monotonic() - t0:5.0f} s: " + "; ".join(
+                f"{n}: {runs[n][-1]['rps']:.1f} req/s, {rss[n][-1][1]:.1f} MiB" for n in names))  # fmt: skip
+    print()
+    print(f"## malloc arenas: a monitored server with the payload log at 10 %, {clients} clients, MiniLM, CPU")
+    turns = len(runs[names[0]])
+    print(f"host: {os.cpu_count()} CPUs, load average at the end {loadavg()}; total run "
+          f"{time.monotonic() - started:.0f} s; {turns} alternating turns of {chunk:.0f} s each")  # fmt: skip
+    print()
+    print("| arenas | req/s | CPU ms/request | RSS MiB ready | RSS MiB at the end | growth MiB |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        rps = sum(r["rps"] for r in runs[name]) / len(runs[name])
+        first, last = rss[name][0][1], rss[name][-1][1]
+        print(f"| {name} | {rps:.1f} | {cost(runs[name]):.2f} | {first:.1f} | {last:.1f} | {last - first:+.1f} |")
+    base, other = runs[names[0]], runs[names[1]]
+    paired = statistics.median(b["rps"] / a["rps"] for a, b in zip(base, other, strict=True))
+    print(f"throughput {limited}/default: {sum(r['rps'] for r in other) / sum(r['rps'] for r in base):.3f} as "
+          f"measured (median of paired turns {paired:.3f}), {cost(base) / cost(other):.3f} from the CPU cost per "
+          "request")  # fmt: skip
+    for name in names:
+        print(f"RSS during the run, {name} (s, MiB): " + ", ".join(f"{t:.0f} {m:.1f}" for t, m in rss[name]))
+    return 0
+
+
 def monitoring_main(args: argparse.Namespace) -> int:
     """The same Kiln server with monitoring off and on (+ the payload log at 10 %), in one run.
 
@@ -981,10 +1060,6 @@ def monitoring_main(args: argparse.Namespace) -> int:
         mixed = [w if i % 2 else r for i, (w, r) in enumerate(zip(nonwords(1000, 9), reviews(1000, 9), strict=True))]
         delays["half non-words"] = detection_delay(server, mixed, 0.2, 10)
         log(f"half non-words: {delays['half non-words']}")
-
-    def cost(runs: list[dict[str, Any]]) -> float:
-        """CPU milliseconds per request answered, over the runs."""
-        return 1000 * sum(r["cpu"] for r in runs) / sum(r["answered"] for r in runs)
 
     print()
     print("## Monitoring cost: Kiln with monitoring off vs on (+ payload log at 10 %), MiniLM, CPU")

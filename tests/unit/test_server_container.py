@@ -41,6 +41,7 @@ def test_dockerfile_runtime_stage_is_gpu_capable_non_root_and_read_only_friendly
     for setting in ("HOME=/tmp", "TMPDIR=/tmp", "KILN_ARTIFACT_CACHE=/tmp/", "KILN_SERVER_TRT_CACHE_DIR=/tmp/"):
         assert setting in env
     assert "PYTHONDONTWRITEBYTECODE=1" in env  # nothing written next to the code at run time
+    assert "MALLOC_ARENA_MAX=2" in env  # bench.server --arenas: less RSS, the same throughput
     # the user is set after the last RUN (package installation needs root), before the entrypoint
     last_run = max(i for i, (op, _) in enumerate(runtime) if op == "RUN")
     assert next(i for i, (op, _) in enumerate(runtime) if op == "USER") > last_run
